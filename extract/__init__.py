@@ -1,0 +1,1 @@
+"""Stage one: dataset readers, the encoder registry, and the batched extraction loop."""

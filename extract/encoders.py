@@ -1,0 +1,367 @@
+"""Encoder registry: frozen pretrained towers that turn a batch into TokenFeatures.
+
+Contract (every encoder):
+    modalities                      ("text",), ("image",) or ("text", "image")
+    tokenize(texts) -> list[ids]    text only; truncated to max_length, no padding
+    encode_text(ids) -> TokenFeatures     pads the batch to its longest, zeroes padding
+    preprocess(images) -> (B,3,H,W) float32 array   runs in DataLoader workers
+    encode_image(pixels) -> TokenFeatures
+    config() -> dict                everything that changes the numbers (goes into the fingerprint)
+
+Preprocessing always comes from the model's own AutoTokenizer / AutoImageProcessor.
+`transformers` is imported here and only here (stage two never imports this module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.resources
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from cache import TokenFeatures
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "encoders"
+
+_KINDS: dict[str, type[Encoder]] = {}
+
+
+def register_encoder(kind: str) -> Callable[[type[Encoder]], type[Encoder]]:
+    """Registers an encoder class for a `kind:` in configs/encoders/*.yaml."""
+
+    def deco(cls: type[Encoder]) -> type[Encoder]:
+        if kind in _KINDS:
+            raise ValueError(f"encoder kind '{kind}' is registered twice")
+        _KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def list_encoders() -> list[str]:
+    """Names usable with --encoder (one YAML per name), plus the hf:<id-or-path> form."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+@dataclass
+class EncoderSpec:
+    """One configs/encoders/<name>.yaml, with command-line overrides applied."""
+
+    name: str
+    kind: str  # text | image | clip (a registered kind)
+    model: str  # hub id, local save_pretrained folder, or package:<module>/<subdir>
+    max_length: int = 128  # text: longest token sequence kept
+    pooling: str = "cls"  # text/image: how `pooled` is made (cls | mean)
+    extra_pooling: list[str] = field(default_factory=list)  # also stored as pooled_<name>
+    layer: int | None = None  # hidden layer to store; None = the model's last output
+    random_init: bool = False  # weights from the config with seed 0, not from a checkpoint
+
+
+def load_spec(
+    name: str, *, model: str | None = None, layer: int | None = None, random_init: bool = False
+) -> EncoderSpec:
+    if name.startswith("hf:"):
+        ident = name[3:]
+        if not ident:
+            raise ValueError("hf: needs a model id or path, e.g. --encoder hf:bert-base-cased")
+        spec = EncoderSpec(name=name, kind=_guess_kind(model or ident), model=model or ident)
+    else:
+        path = CONFIG_DIR / f"{name}.yaml"
+        if not path.exists():
+            raise ValueError(
+                f"unknown encoder '{name}'; choose one of {', '.join(list_encoders())} "
+                "or hf:<model-id-or-path>"
+            )
+        raw = yaml.safe_load(path.read_text()) or {}
+        spec = EncoderSpec(name=name, **raw)
+        if model:
+            spec.model = model
+    spec.layer = layer if layer is not None else spec.layer
+    spec.random_init = random_init or spec.random_init
+    if spec.kind not in _KINDS:
+        raise ValueError(f"encoder kind '{spec.kind}' unknown; known: {', '.join(sorted(_KINDS))}")
+    return spec
+
+
+def create_encoder(
+    name: str,
+    *,
+    model: str | None = None,
+    layer: int | None = None,
+    random_init: bool = False,
+    device: str = "auto",
+) -> Encoder:
+    """`vit`, `bert`, `clip`, `minilm` (configs/encoders/) or `hf:<id-or-path>`."""
+    spec = load_spec(name, model=model, layer=layer, random_init=random_init)
+    return _KINDS[spec.kind](spec, device=resolve_device(device))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, not '{device}'")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no GPU; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_model_path(model: str) -> str:
+    """package:<module>/<subdir> -> the folder shipped inside an installed package."""
+    if not model.startswith("package:"):
+        return model
+    module, _, sub = model[len("package:") :].partition("/")
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError:
+        raise ValueError(
+            f"model {model} needs the package '{module}': pip install {module.replace('_', '-')}"
+        ) from None
+    return str(Path(str(root)) / sub)
+
+
+def _guess_kind(model: str) -> str:
+    from transformers import AutoConfig
+
+    cfg = _hf_call(AutoConfig.from_pretrained, resolve_model_path(model))
+    if hasattr(cfg, "text_config") and hasattr(cfg, "vision_config"):
+        return "clip"
+    if hasattr(cfg, "image_size") and not hasattr(cfg, "vocab_size"):
+        return "image"
+    return "text"
+
+
+def _hf_call(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
+    """from_pretrained with an error that names the fix when the hub is out of reach."""
+    try:
+        return fn(path, **kw)
+    except OSError as e:
+        hint = (
+            "the folder lacks the files it needs (save_pretrained writes them)"
+            if Path(path).exists()
+            else "no network? pass --model /path/to/a/downloaded/snapshot"
+        )
+        raise ValueError(f"cannot load '{path}': {hint} ({str(e).splitlines()[0]})") from None
+
+
+def weights_revision(model: Any, path: str) -> str:
+    """The hub commit hash when known, else a content hash of the local weight files,
+    so a cache notices when the weights behind a path change."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit)
+    folder = Path(path)
+    files = sorted(
+        p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".json")
+    ) if folder.is_dir() else []
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+class Encoder:
+    """Base: loads a frozen model once; subclasses implement the tower(s)."""
+
+    modalities: tuple[str, ...] = ()
+
+    def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
+        self.spec = spec
+        self.device = device
+        self.path = resolve_model_path(spec.model)
+        self.model = self._load_model().to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.revision = "" if spec.random_init else weights_revision(self.model, self.path)
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoConfig, AutoModel
+
+        if self.spec.random_init:
+            cfg = _hf_call(AutoConfig.from_pretrained, self.path)
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                return AutoModel.from_config(cfg)
+        return _hf_call(AutoModel.from_pretrained, self.path)
+
+    @property
+    def precision(self) -> str:
+        return "fp16-autocast" if self.device.type == "cuda" else "fp32"
+
+    def config(self) -> dict:
+        s = self.spec
+        return {
+            "encoder": s.name,
+            "model": s.model,
+            "model_revision": self.revision,
+            "weights": "random" if s.random_init else "pretrained",
+            "layer": s.layer,
+            "max_length": s.max_length if "text" in self.modalities else None,
+            "pooling": s.pooling,
+            "precision": self.precision,
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _hidden(self, out: Any) -> torch.Tensor:
+        if self.spec.layer is None:
+            return out.last_hidden_state
+        states = out.hidden_states
+        if not -len(states) <= self.spec.layer < len(states):
+            raise ValueError(
+                f"--layer {self.spec.layer} is out of range: the model has hidden states "
+                f"0..{len(states) - 1} (0 = embeddings, -1 = last)"
+            )
+        return states[self.spec.layer]
+
+    # text ---------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.spec.max_length)
+        return enc["input_ids"]
+
+    def _pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer.pad({"input_ids": [list(x) for x in ids]}, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # image --------------------------------------------------------------
+    def preprocess(self, images: Sequence[Any]) -> np.ndarray:
+        """(B, 3, H, W) float32 pixel values from the model's own image processor."""
+        return np.asarray(self.image_processor(images=list(images), return_tensors="np")["pixel_values"],
+                          dtype=np.float32)
+
+    def encode_text(self, ids: Sequence[Sequence[int]]) -> TokenFeatures:
+        raise NotImplementedError(f"encoder '{self.spec.name}' has no text tower")
+
+    def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
+        raise NotImplementedError(f"encoder '{self.spec.name}' has no image tower")
+
+
+def _pool(tokens: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    if how == "cls":
+        return tokens[:, 0]  # (B, D)
+    if how == "mean":
+        m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, L, 1)
+        return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
+    raise ValueError(f"pooling '{how}' unknown; use cls or mean")
+
+
+def _f16(x: torch.Tensor) -> np.ndarray:
+    return x.float().cpu().numpy().astype(np.float16)
+
+
+def _text_features(
+    tokens: torch.Tensor, mask: torch.Tensor, pooled: dict[str, torch.Tensor], pooling: dict[str, str]
+) -> TokenFeatures:
+    tokens = tokens.float().masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, L, D), padding exactly 0
+    return TokenFeatures(
+        tokens=_f16(tokens),
+        mask=mask.cpu().numpy(),
+        pooled={k: _f16(v) for k, v in pooled.items()},
+        pooling=pooling,
+    )
+
+
+@register_encoder("text")
+class TextEncoder(Encoder):
+    """A transformers text model (BERT, MiniLM, RoBERTa, ...): tokens + mask, CLS/mean pooled."""
+
+    modalities = ("text",)
+
+    def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
+        from transformers import AutoTokenizer
+
+        super().__init__(spec, device=device)
+        self.tokenizer = _hf_call(AutoTokenizer.from_pretrained, self.path)
+
+    @torch.inference_mode()
+    def encode_text(self, ids: Sequence[Sequence[int]]) -> TokenFeatures:
+        batch = self._pad(ids)
+        with self._autocast():
+            out = self.model(**batch, output_hidden_states=self.spec.layer is not None)
+        tokens, mask = self._hidden(out), batch["attention_mask"].bool()  # (B, L, D), (B, L)
+        names = {"pooled": self.spec.pooling} | {f"pooled_{p}": p for p in self.spec.extra_pooling}
+        pooled = {k: _pool(tokens.float(), mask, how) for k, how in names.items()}
+        return _text_features(tokens, mask, pooled, names)
+
+
+@register_encoder("image")
+class ImageEncoder(Encoder):
+    """A transformers vision model (ViT, DeiT, ...): all tokens, pooled = CLS (or mean)."""
+
+    modalities = ("image",)
+
+    def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
+        from transformers import AutoImageProcessor
+
+        super().__init__(spec, device=device)
+        self.image_processor = _hf_call(AutoImageProcessor.from_pretrained, self.path)
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
+        with self._autocast():
+            out = self.model(pixel_values=pixels.to(self.device),
+                             output_hidden_states=self.spec.layer is not None)
+        tokens = self._hidden(out).float()  # (B, P, D)
+        full = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return TokenFeatures(
+            tokens=_f16(tokens),
+            mask=None,
+            pooled={"pooled": _f16(_pool(tokens, full, self.spec.pooling))},
+            pooling={"pooled": self.spec.pooling},
+        )
+
+
+@register_encoder("clip")
+class ClipEncoder(Encoder):
+    """CLIP-style dual encoder: both towers' tokens; pooled = the model's own projected,
+    normalised text_embeds / image_embeds (what CLIP matches on)."""
+
+    modalities = ("text", "image")
+
+    def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        super().__init__(spec, device=device)
+        self.tokenizer = _hf_call(AutoTokenizer.from_pretrained, self.path)
+        self.image_processor = _hf_call(AutoImageProcessor.from_pretrained, self.path)
+        limit = self.model.config.text_config.max_position_embeddings
+        self.spec.max_length = min(self.spec.max_length, limit)
+
+    @torch.inference_mode()
+    def encode_text(self, ids: Sequence[Sequence[int]]) -> TokenFeatures:
+        batch = self._pad(ids)
+        with self._autocast():
+            out = self.model.text_model(**batch, output_hidden_states=self.spec.layer is not None)
+            embeds = self.model.text_projection(out.pooler_output)  # (B, E)
+        embeds = embeds.float() / embeds.float().norm(p=2, dim=-1, keepdim=True)
+        mask = batch["attention_mask"].bool()
+        return _text_features(self._hidden(out), mask, {"pooled": embeds}, {"pooled": "text_embeds"})
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
+        with self._autocast():
+            out = self.model.vision_model(pixel_values=pixels.to(self.device),
+                                          output_hidden_states=self.spec.layer is not None)
+            embeds = self.model.visual_projection(out.pooler_output)  # (B, E)
+        embeds = embeds.float() / embeds.float().norm(p=2, dim=-1, keepdim=True)
+        return TokenFeatures(
+            tokens=_f16(self._hidden(out)),  # (B, P, D)
+            mask=None,
+            pooled={"pooled": _f16(embeds)},
+            pooling={"pooled": "image_embeds"},
+        )

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny ViT / BERT / CLIP checkpoints built from configs and saved with
+save_pretrained (so the real from_pretrained path is what runs), and small lab5 corpora."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+LAB5_DEV = SHARED_DATA / "lab5-dev"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!#.,?'@"
+WORDS = ["happy", "sad", "great", "awful", "cat", "dog", "sunny", "rain", "love", "hate",
+         "the", "a", "day", "night", "so", "very", "meh", "okay", "#fun", "@you"]
+
+
+def _save_bert(folder: Path) -> Path:
+    import torch
+    import transformers as T
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *CHARS, *(f"##{c}" for c in CHARS)]
+    tok = T.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=len(vocab), max_position_embeddings=128, **TINY)
+    T.BertModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _save_vit(folder: Path) -> Path:
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(image_size=32, patch_size=8, **TINY)  # 16 patches + CLS = 17 tokens
+    T.ViTModel(cfg).save_pretrained(folder)
+    T.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def _save_clip(folder: Path) -> Path:
+    import torch
+    import transformers as T
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:  # a tiny byte-level BPE vocabulary: one token per character
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok = T.CLIPTokenizer(vocab=vocab, merges=[])
+    text = T.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
+                            eos_token_id=1, pad_token_id=1, projection_dim=16, **TINY)
+    vision = T.CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16, **TINY)
+    cfg = T.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    torch.manual_seed(0)
+    T.CLIPModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """name -> folder of a tiny checkpoint for that encoder."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "bert": _save_bert(root / "bert"),
+        "vit": _save_vit(root / "vit"),
+        "clip": _save_clip(root / "clip"),
+    }
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (40, 36)) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path, "JPEG")
+
+
+def make_lab5(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 0) -> Path:
+    """A small lab5-layout corpus with texts of varied length (so batches pad differently)."""
+    rnd = random.Random(seed)
+    labels = ["negative", "neutral", "positive"]
+    (root / "data").mkdir(parents=True)
+    rows = {"train": [], "test": []}
+    for i in range(n_train + n_test):
+        guid = str(100 + i)
+        n_words = rnd.choice([1, 2, 3, 5, 8, 13, 20])
+        (root / "data" / f"{guid}.txt").write_text(" ".join(rnd.choices(WORDS, k=n_words)) + "\n")
+        write_image(root / "data" / f"{guid}.jpg", seed=i, size=(rnd.randint(30, 60), rnd.randint(30, 60)))
+        if i < n_train:
+            rows["train"].append(f"{guid},{labels[i % 3]}")
+        else:
+            rows["test"].append(f"{guid},null")
+    (root / "train.txt").write_text("guid,tag\n" + "\n".join(rows["train"]) + "\n")
+    (root / "test_without_label.txt").write_text("guid,tag\n" + "\n".join(rows["test"]) + "\n")
+    return root
+
+
+@pytest.fixture
+def lab5(tmp_path) -> Path:
+    return make_lab5(tmp_path / "lab5-mini")
