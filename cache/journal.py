@@ -84,8 +84,8 @@ class Journal:
             if "pooling" not in z:
                 return rows, None, failures
             feats = TokenFeatures(
-                tokens=z["tokens"] if "tokens" in z else None,
-                mask=z["mask"] if "mask" in z else None,
+                tokens=z.get("tokens", None),
+                mask=z.get("mask", None),
                 pooled={k.split(":", 1)[1]: z[k] for k in z.files if k.startswith("pooled:")},
                 pooling=json.loads(str(z["pooling"])),
             )

@@ -151,6 +151,15 @@ def _hf_call(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
         raise ValueError(f"cannot load '{path}': {hint} ({str(e).splitlines()[0]})") from None
 
 
+def _image_processor(path: str) -> Any:
+    """The model's own image processor, on the PIL backend: the reference implementation,
+    the same on every machine whether or not torchvision is installed (a backend switch
+    would change the pixels, hence the features)."""
+    from transformers import AutoImageProcessor
+
+    return _hf_call(AutoImageProcessor.from_pretrained, path, backend="pil")
+
+
 def weights_revision(model: Any, path: str) -> str:
     """The hub commit hash when known, else a content hash of the local weight files,
     so a cache notices when the weights behind a path change."""
@@ -178,6 +187,12 @@ class Encoder:
     modalities: tuple[str, ...] = ()
 
     def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
+        from transformers.utils import logging as hf_logging
+
+        # Our own bar reports progress; the "no torchvision, using the PIL processor" notice
+        # and per-weight loading bars are noise on every run.
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
         self.spec = spec
         self.device = device
         self.path = resolve_model_path(spec.model)
@@ -306,10 +321,8 @@ class ImageEncoder(Encoder):
     modalities = ("image",)
 
     def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
-        from transformers import AutoImageProcessor
-
         super().__init__(spec, device=device)
-        self.image_processor = _hf_call(AutoImageProcessor.from_pretrained, self.path)
+        self.image_processor = _image_processor(self.path)
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
@@ -334,11 +347,11 @@ class ClipEncoder(Encoder):
     modalities = ("text", "image")
 
     def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         super().__init__(spec, device=device)
         self.tokenizer = _hf_call(AutoTokenizer.from_pretrained, self.path)
-        self.image_processor = _hf_call(AutoImageProcessor.from_pretrained, self.path)
+        self.image_processor = _image_processor(self.path)
         limit = self.model.config.text_config.max_position_embeddings
         self.spec.max_length = min(self.spec.max_length, limit)
 

@@ -164,6 +164,22 @@ def extract(
         raise ValueError("--batch-size must be at least 1")
     t0 = time.perf_counter()
     ds = load_dataset(data, data_format)
+    final = cache_path(out, ds.name, encoder)
+    with exclusive_lock(final):  # before the model loads: a second writer hears at once
+        rep = _extract_locked(
+            ds, final, encoder, model=model, layer=layer, random_init=random_init,
+            batch_size=batch_size, device=device, limit=limit, on_error=on_error,
+            num_workers=num_workers, overwrite=overwrite, quiet=quiet,
+        )
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _extract_locked(
+    ds: Dataset, final: Path, encoder: str, *, model: str | None, layer: int | None,
+    random_init: bool, batch_size: int, device: str, limit: int | None, on_error: str,
+    num_workers: int | None, overwrite: bool, quiet: bool,
+) -> ExtractReport:
     samples = ds.samples[:limit] if limit else ds.samples
     enc = create_encoder(encoder, model=model, layer=layer, random_init=random_init, device=device)
 
@@ -177,27 +193,24 @@ def extract(
     config = enc.config() | {"batch_size": batch_size, "format": ds.format, "limit": limit}
     manifest = ds.manifest()[: len(samples)]
     fp = fingerprint(config, manifest)
-    final = cache_path(out, ds.name, encoder)
 
-    with exclusive_lock(final):
-        if final.exists():
-            _check_existing(final, fp, config, manifest, overwrite)
-            if not overwrite:
-                return ExtractReport(final, len(samples), 0, 0, 0, 0,
-                                     time.perf_counter() - t0, up_to_date=True)
-        journal = Journal(parts_dir(final), fp)
-        saved = journal.plan
-        plan = Plan.from_json(saved) if saved else plan_batches(enc, samples, good, batch_size)
-        if saved is None:
-            journal.save_plan(plan.to_json())
+    if final.exists():
+        _check_existing(final, fp, config, manifest, overwrite)
+        if not overwrite:
+            return ExtractReport(final, len(samples), 0, 0, 0, 0, 0.0, up_to_date=True)
+    journal = Journal(parts_dir(final), fp)
+    saved = journal.plan
+    plan = Plan.from_json(saved) if saved else plan_batches(enc, samples, good, batch_size)
+    if saved is None:
+        journal.save_plan(plan.to_json())
 
-        done = {m: journal.done(m) for m in enc.modalities}
-        reused = sum(len(b) for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
-                     if m in enc.modalities for i, b in enumerate(bs) if i in done[m])
-        total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
-        bar = tqdm(total=total, initial=reused, unit="sample", disable=quiet, file=sys.stderr,
-                   desc=f"{encoder} {ds.name}", dynamic_ncols=True)
-        computed = 0
+    done = {m: journal.done(m) for m in enc.modalities}
+    reused = sum(len(b) for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
+                 if m in enc.modalities for i, b in enumerate(bs) if i in done[m])
+    total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
+    computed = 0
+    with tqdm(total=total, initial=reused, unit="sample", disable=quiet, file=sys.stderr,
+              desc=f"{encoder} {ds.name}", dynamic_ncols=True) as bar:
         for b, rows in enumerate(plan.text_batches):
             if b in done.get("text", ()):
                 continue
@@ -212,18 +225,16 @@ def extract(
             journal.save("image", b, np.asarray(ok_rows), feats, failures)
             computed += len(ok_rows) + len(failures)
             bar.update(len(ok_rows) + len(failures))
-        bar.close()
 
-        status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config, manifest)
-        journal.remove()
+    status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config, manifest)
+    journal.remove()
 
     real = sum(len(v) for v in plan.text_ids.values())
     padded = sum(len(b) * max(len(plan.text_ids[r]) for r in b) for b in plan.text_batches)
     return ExtractReport(
         path=final, rows=len(samples), ok=int((status == OK).sum()),
         failed=int((status == FAILED).sum()), computed=computed, reused=reused,
-        seconds=time.perf_counter() - t0, real_tokens=real, computed_tokens=padded,
-        problems=errors,
+        seconds=0.0, real_tokens=real, computed_tokens=padded, problems=errors,
     )
 
 
