@@ -163,7 +163,8 @@ def extract(
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
     t0 = time.perf_counter()
-    ds = load_dataset(data, data_format)
+    # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
+    ds = load_dataset(data, data_format, check_images=on_error == "fail")
     final = cache_path(out, ds.name, encoder)
     with exclusive_lock(final):  # before the model loads: a second writer hears at once
         rep = _extract_locked(
