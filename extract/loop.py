@@ -57,6 +57,7 @@ class ExtractReport:
     real_tokens: int = 0  # text: tokens that carry text
     computed_tokens: int = 0  # text: tokens the model ran on (incl. batch padding)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (guid, stage, message)
+    startup_seconds: float = 0.0  # reading the dataset index and loading the model
 
 
 @dataclass
@@ -170,7 +171,7 @@ def extract(
         rep = _extract_locked(
             ds, final, encoder, model=model, layer=layer, random_init=random_init,
             batch_size=batch_size, device=device, limit=limit, on_error=on_error,
-            num_workers=num_workers, overwrite=overwrite, quiet=quiet,
+            num_workers=num_workers, overwrite=overwrite, quiet=quiet, t0=t0,
         )
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -179,10 +180,11 @@ def extract(
 def _extract_locked(
     ds: Dataset, final: Path, encoder: str, *, model: str | None, layer: int | None,
     random_init: bool, batch_size: int, device: str, limit: int | None, on_error: str,
-    num_workers: int | None, overwrite: bool, quiet: bool,
+    num_workers: int | None, overwrite: bool, quiet: bool, t0: float,
 ) -> ExtractReport:
     samples = ds.samples[:limit] if limit else ds.samples
     enc = create_encoder(encoder, model=model, layer=layer, random_init=random_init, device=device)
+    startup = time.perf_counter() - t0
 
     blocked = {i: s.failed(enc.modalities) for i, s in enumerate(samples)}
     blocked = {i: p for i, p in blocked.items() if p}
@@ -236,6 +238,7 @@ def _extract_locked(
         path=final, rows=len(samples), ok=int((status == OK).sum()),
         failed=int((status == FAILED).sum()), computed=computed, reused=reused,
         seconds=0.0, real_tokens=real, computed_tokens=padded, problems=errors,
+        startup_seconds=startup,
     )
 
 

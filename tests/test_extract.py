@@ -368,8 +368,9 @@ def test_on_error_fail_on_an_image_only_decoding_finds(tiny_models, tmp_path):
     assert len(lines) == 1, lines
     assert "105" in lines[0] and "truncated" in lines[0]
     final = cache_path(tmp_path / "f", "lab5-mini", "vit")
-    assert not final.exists()
-    with pytest.raises(IncompleteCacheError):
+    # fail mode decodes every image before computing anything: no work, no partial file
+    assert not final.exists() and not parts_dir(final).exists() and not temp_path(final).exists()
+    with pytest.raises(FileNotFoundError):
         FeatureStore.open(final)
 
 

@@ -1,0 +1,23 @@
+"""Stage two: fusion heads trained on cached encoder features (never on the encoders).
+
+Reads only the cache (cache/); never imports extract/ or transformers. Entry points:
+`load_feature_set`, `build_head` / `list_heads`, `StratifiedProtocol`,
+`fuse.experiment.run_fuse` / `run_compare`, `fuse.predict.predict_run`.
+Torch and LightGBM load when a head needs them, not on `import fuse`.
+"""
+
+from fuse.features import FeatureMismatchError, FeatureSet, load_feature_set
+from fuse.protocol import StratifiedProtocol
+from fuse.registry import UnknownHeadError, build_head, get_head, list_heads, register_head
+
+__all__ = [
+    "FeatureMismatchError",
+    "FeatureSet",
+    "StratifiedProtocol",
+    "UnknownHeadError",
+    "build_head",
+    "get_head",
+    "list_heads",
+    "load_feature_set",
+    "register_head",
+]

@@ -1,0 +1,454 @@
+"""`fuse` and `compare`: heads × folds × seeds on one FeatureSet, and the run folder they leave.
+
+The FeatureSet is loaded once per command and its splits computed once; every head, fold and
+seed reuses them. For `predict`, the run keeps the model fitted on the FIRST model seed and
+the FIRST scored split (the holdout under --val-ratio): the very model whose scores open
+metrics.json, trained without ever seeing its scored rows. No model is refitted on all rows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fuse._util import new_run_dir, note, plain, versions
+from fuse.features import FeatureSet, check_inputs, load_feature_set
+from fuse.metrics import aggregate, score
+from fuse.protocol import Fold, StratifiedProtocol
+from fuse.registry import build_head, get_head, head_needs_tokens, list_heads
+from fuse.report import (
+    format_table,
+    plot_confusion,
+    plot_confusion_grid,
+    plot_scores,
+    prediction_rows,
+    ranked,
+    summary_rows,
+    write_csv,
+)
+
+
+@dataclass
+class HeadRun:
+    """One head fitted on one fold with one model seed, scored on that fold's scored rows."""
+
+    head: str
+    seed: int
+    fold: int
+    metrics: dict  # score() + train_time_s, n_params, best_iteration
+    scored: np.ndarray  # (n_scored,) rows of the FeatureSet
+    proba: np.ndarray  # (n_scored, C)
+    model: Any = None  # the fitted estimator, kept for the first (seed, fold) only
+
+
+@dataclass
+class RunResult:
+    """What `run_fuse` / `run_compare` return: the folder, and the numbers it holds."""
+
+    run_dir: Path
+    summaries: dict[str, dict]  # head -> aggregate() over seeds × folds
+    runs: list[HeadRun] = field(repr=False, default_factory=list)
+    table: str = ""
+
+
+def parse_heads(spec: str | Sequence[str]) -> tuple[list[str], bool]:
+    """'all' or 'a,b,c' -> (names, is_all); unknown names fail, listing the valid ones."""
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if not spec:
+        raise ValueError(f"no heads given; valid heads: {', '.join(list_heads())}")
+    if list(spec) == ["all"]:
+        return list_heads(), True
+    for name in spec:
+        get_head(name)
+    return list(dict.fromkeys(spec)), False
+
+
+def check_heads(
+    names: Sequence[str],
+    *,
+    overrides: dict[str, dict | None] | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    class_weights: bool | None = None,
+) -> None:
+    """Builds each head once (cheap: no weights) so a bad hyperparameter or device fails
+    before any cache is read."""
+    for name in names:
+        head = build_head(
+            name,
+            overrides=(overrides or {}).get(name),
+            epochs=epochs,
+            device=device,
+            class_weights=class_weights,
+        )
+        if getattr(head, "kind", "") == "torch":
+            from fuse.trainer import resolve_device
+
+            resolve_device(head.train.device)
+
+
+def load_for_heads(
+    features: str | Path,
+    heads: Sequence[str],
+    *,
+    text: str | None,
+    image: str | None,
+    overrides: dict[str, dict] | None = None,
+    skip_unusable: bool = False,
+) -> tuple[FeatureSet, list[str]]:
+    """Loads the FeatureSet once, with tokens only for modalities some head reads as tokens,
+    and checks every head can run on it. skip_unusable: drop (with a note) heads that cannot,
+    instead of failing — what `--heads all` wants."""
+    overrides = overrides or {}
+    tokens: set[str] = set()
+    for h in heads:
+        if head_needs_tokens(h, overrides.get(h)):
+            tokens |= set(get_head(h).modalities)
+    fs = load_feature_set(features, text=text, image=image, tokens=tokens)
+    if (msg := fs.describe_excluded()) is not None:
+        note(msg)
+    usable = []
+    for h in heads:
+        cls = get_head(h)
+        try:
+            check_inputs(
+                fs,
+                head=h,
+                modalities=cls.modalities,
+                require=cls.require,
+                tokens=head_needs_tokens(h, overrides.get(h)),
+            )
+        except ValueError as e:
+            if not skip_unusable:
+                raise
+            note(f"skipping {h}: {e}")
+            continue
+        usable.append(h)
+    if not usable:
+        raise ValueError("none of the heads can run on these features; see the notes above")
+    return fs, usable
+
+
+def evaluate_head(
+    name: str,
+    fs: FeatureSet,
+    folds: Sequence[Fold],
+    seeds: Sequence[int],
+    *,
+    overrides: dict | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    class_weights: bool | None = None,
+    quiet: bool = True,
+    progress: Any = None,
+) -> list[HeadRun]:
+    """Fits head `name` once per (seed, fold): on fold.fit, early-stopped on fold.inner_val,
+    then scores fold.scored — rows it has not seen before. The first run keeps its model."""
+    runs: list[HeadRun] = []
+    for seed in seeds:
+        for fold in folds:
+            head = build_head(
+                name,
+                seed=seed,
+                overrides=overrides,
+                epochs=epochs,
+                device=device,
+                class_weights=class_weights,
+            )
+            head.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet)
+            scored = fs.take(fold.scored)
+            proba = head.predict_proba(scored)  # (n_scored, C)
+            metrics = score(scored.label, proba, fs.classes)
+            metrics.update(
+                seed=seed,
+                fold=fold.index,
+                train_time_s=float(head.train_time_),
+                n_params=int(head.n_params_),
+                best_iteration=head.best_iteration_,
+            )
+            runs.append(
+                HeadRun(
+                    name, seed, fold.index, metrics, fold.scored, proba, head if not runs else None
+                )
+            )
+            if progress is not None:
+                progress.update(1)
+    return runs
+
+
+def run_fuse(
+    *,
+    head: str,
+    features: str | Path,
+    text: str | None = "minilm",
+    image: str | None = "vit",
+    protocol: StratifiedProtocol | None = None,
+    seeds: Sequence[int] = (42,),
+    epochs: int | None = None,
+    out: str | Path = "runs",
+    device: str = "auto",
+    class_weights: bool = False,
+    overrides: dict | None = None,
+    quiet: bool = False,
+) -> RunResult:
+    """One head × folds × seeds -> runs/<timestamp>-<head>/ with config.yaml, metrics.json,
+    model/ (for predict), val_predictions.csv and confusion.png."""
+    protocol = protocol or StratifiedProtocol()
+    (name,), _ = parse_heads([head])
+    check_heads(
+        [name],
+        overrides={name: overrides},
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+    )
+    fs, _ = load_for_heads(
+        features, [name], text=text, image=image, overrides={name: overrides or {}}
+    )
+    folds = protocol.splits(fs)
+    runs = evaluate_head(
+        name,
+        fs,
+        folds,
+        seeds,
+        overrides=overrides,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+        quiet=quiet,
+    )
+    summary = aggregate([r.metrics for r in runs], fs.classes)
+    run_dir = new_run_dir(Path(out), name)
+    model = runs[0].model
+    model.save(run_dir / "model")
+    config = _run_config(
+        "fuse",
+        fs,
+        protocol,
+        seeds,
+        features=features,
+        text=text,
+        image=image,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+        folds=folds,
+        heads={
+            name: {
+                "config": model.get_config(),
+                "model_dir": "model",
+                "seed": runs[0].seed,
+                "fold": runs[0].fold,
+            }
+        },
+    )
+    _write_yaml(run_dir / "config.yaml", config)
+    metrics = {
+        "head": name,
+        "protocol": protocol.describe(),
+        "classes": list(fs.classes),
+        "summary": summary,
+        "runs": [_run_record(r) for r in runs],
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(plain(metrics), indent=2))
+    write_csv(run_dir / "val_predictions.csv", _predictions(runs, fs))
+    plot_confusion(
+        np.array(summary["confusion_matrix"]),
+        fs.classes,
+        run_dir / "confusion.png",
+        f"{name}: {len(runs)} run(s), macro-F1 {summary['macro_f1']['mean']:.3f}",
+    )
+    table = format_table({name: summary})
+    return RunResult(run_dir=run_dir, summaries={name: summary}, runs=runs, table=table)
+
+
+def run_compare(
+    *,
+    heads: str | Sequence[str] = "all",
+    features: str | Path,
+    text: str | None = "minilm",
+    image: str | None = "vit",
+    protocol: StratifiedProtocol | None = None,
+    seeds: Sequence[int] = (42, 43, 44),
+    epochs: int | None = None,
+    out: str | Path = "runs",
+    device: str = "auto",
+    class_weights: bool = False,
+    quiet: bool = False,
+) -> RunResult:
+    """Every head × fold × seed on one FeatureSet -> runs/<timestamp>-compare/ with
+    results.csv (ranked by macro-F1), runs.csv, results.json, scores.png,
+    confusion_grid.png, val_predictions.csv and models/<head>/ (first seed and fold)."""
+    from tqdm.auto import tqdm
+
+    protocol = protocol or StratifiedProtocol()
+    names, is_all = parse_heads(heads)
+    check_heads(names, epochs=epochs, device=device, class_weights=class_weights)
+    fs, names = load_for_heads(features, names, text=text, image=image, skip_unusable=is_all)
+    folds = protocol.splits(fs)
+    all_runs: list[HeadRun] = []
+    summaries: dict[str, dict] = {}
+    models: dict[str, Any] = {}
+    with tqdm(
+        total=len(names) * len(folds) * len(seeds), unit="fit", desc="compare", disable=quiet
+    ) as bar:
+        for name in names:
+            bar.set_postfix(head=name)
+            runs = evaluate_head(
+                name,
+                fs,
+                folds,
+                seeds,
+                epochs=epochs,
+                device=device,
+                class_weights=class_weights,
+                quiet=quiet,
+                progress=bar,
+            )
+            summaries[name] = aggregate([r.metrics for r in runs], fs.classes)
+            models[name] = runs[0].model
+            all_runs += runs
+    run_dir = new_run_dir(Path(out), "compare")
+    for name, model in models.items():
+        model.save(run_dir / "models" / name)
+    order = ranked(summaries)
+    config = _run_config(
+        "compare",
+        fs,
+        protocol,
+        seeds,
+        features=features,
+        text=text,
+        image=image,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+        folds=folds,
+        heads={
+            n: {
+                "config": models[n].get_config(),
+                "model_dir": f"models/{n}",
+                "seed": seeds[0],
+                "fold": folds[0].index,
+            }
+            for n in order
+        },
+    )
+    config["best_head"] = order[0]
+    _write_yaml(run_dir / "config.yaml", config)
+    write_csv(run_dir / "results.csv", summary_rows(summaries))
+    write_csv(run_dir / "runs.csv", [_flat(r) for r in all_runs])
+    results = {
+        "protocol": protocol.describe(),
+        "classes": list(fs.classes),
+        "ranking": order,
+        "summary": {n: summaries[n] for n in order},
+        "runs": [_run_record(r) for r in all_runs],
+    }
+    (run_dir / "results.json").write_text(json.dumps(plain(results), indent=2))
+    write_csv(run_dir / "val_predictions.csv", _predictions(all_runs, fs))
+    plot_scores(summaries, run_dir / "scores.png")
+    plot_confusion_grid(
+        {n: np.array(summaries[n]["confusion_matrix"]) for n in order},
+        fs.classes,
+        run_dir / "confusion_grid.png",
+    )
+    return RunResult(
+        run_dir=run_dir, summaries=summaries, runs=all_runs, table=format_table(summaries)
+    )
+
+
+def _run_config(
+    command: str,
+    fs: FeatureSet,
+    protocol: StratifiedProtocol,
+    seeds: Sequence[int],
+    *,
+    features,
+    text,
+    image,
+    epochs,
+    device,
+    class_weights,
+    folds: Sequence[Fold],
+    heads: dict,
+) -> dict:
+    """config.yaml: everything needed to understand the numbers and to `predict` with the run."""
+    labelled = fs.label[(fs.split == "train") & (fs.label >= 0)]
+    majority = int(np.bincount(labelled, minlength=fs.n_classes).argmax())
+    return plain(
+        {
+            "command": command,
+            "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "features": str(Path(features).resolve()),
+            "text": text,
+            "image": image,
+            "caches": fs.sources,
+            "classes": list(fs.classes),
+            "protocol": {**protocol.to_dict(), "description": protocol.describe()},
+            "seeds": list(seeds),
+            "epochs": epochs,
+            "device": device,
+            "class_weights": class_weights,
+            "heads": heads,
+            "rows": {
+                "usable": len(fs),
+                "labelled_train": len(labelled),
+                "per_fold": [
+                    {"fit": len(f.fit), "inner_val": len(f.inner_val), "scored": len(f.scored)}
+                    for f in folds
+                ],
+                "excluded": [
+                    {"guid": e.guid, "split": e.split, "reason": e.reason} for e in fs.excluded
+                ],
+            },
+            "fallback_class": fs.classes[majority],
+            "saved_model": "each head's model fitted on the first seed and the first scored split "
+            "(the holdout under --val-ratio); predict refits nothing",
+            "versions": versions(),
+        }
+    )
+
+
+def _run_record(r: HeadRun) -> dict:
+    rec = dict(r.metrics)
+    rec["head"] = r.head
+    if r.model is not None and getattr(r.model, "history_", None):
+        rec["history"] = r.model.history_
+    return rec
+
+
+def _flat(r: HeadRun) -> dict:
+    m = r.metrics
+    return {
+        "head": r.head,
+        "seed": r.seed,
+        "fold": r.fold,
+        "accuracy": m["accuracy"],
+        "macro_f1": m["macro_f1"],
+        "weighted_f1": m["weighted_f1"],
+        "train_time_s": round(m["train_time_s"], 4),
+        "n_params": m["n_params"],
+        "best_iteration": m["best_iteration"],
+    }
+
+
+def _predictions(runs: Sequence[HeadRun], fs: FeatureSet) -> list[dict]:
+    rows = []
+    for r in runs:
+        rows += prediction_rows(
+            r.head, r.seed, r.fold, fs.guid[r.scored], fs.label[r.scored], r.proba, fs.classes
+        )
+    return rows
+
+
+def _write_yaml(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

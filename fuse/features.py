@@ -1,0 +1,360 @@
+"""Stage two's view of the cache: a text group and an image group joined by guid.
+
+`load_feature_set` opens each cache file once; a `FeatureSet` then hands out row subsets
+(folds, batches) as index arrays into those in-memory arrays, so no fold copies the tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from cache import OK, FeatureStore, TokenFeatures
+from fuse._util import few
+
+MODALITIES = ("text", "image")
+
+
+class FeatureMismatchError(ValueError):
+    """Two caches that cannot be joined: their guids, splits, labels or classes disagree."""
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One modality's features for the rows of a FeatureSet.
+
+    feats holds every row of the cache file (as read); index maps this set's rows onto it,
+    so taking a subset copies nothing until a batch is gathered.
+    """
+
+    name: str  # "text" | "image"
+    encoder: str  # cache file stem, e.g. "clip"
+    path: Path
+    feats: TokenFeatures
+    index: np.ndarray  # (n,) int64 rows of feats
+    tokens_requested: bool = (
+        True  # False: tokens were not loaded (whether or not the file has them)
+    )
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.feats.tokens is not None
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.feats.pooled["pooled"].shape[1])
+
+    @property
+    def token_dim(self) -> int | None:
+        return None if self.feats.tokens is None else int(self.feats.tokens.shape[2])
+
+    def _rows(self, rows: np.ndarray | None) -> np.ndarray:
+        return self.index if rows is None else self.index[rows]
+
+    def pooled(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(b, D') float16: the main pooled vector of the given rows (all rows when None)."""
+        return self.feats.pooled["pooled"][self._rows(rows)]
+
+    def tokens(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(b, L, D) float16 tokens and (b, L) bool mask (None = every token is real).
+
+        Padding beyond the longest row of the batch is cut off: a batch of short tweets does
+        not pay for the cache's Lmax."""
+        if self.feats.tokens is None:
+            raise ValueError(
+                f"{self.path} stores no {self.name} tokens (pooled only); "
+                "pick a pooled head or extract again with tokens"
+            )
+        idx = self._rows(rows)
+        if self.feats.mask is None:
+            return self.feats.tokens[idx], None
+        mask = self.feats.mask[idx]  # (b, Lmax)
+        used = np.flatnonzero(mask.any(axis=0))
+        length = int(used[-1]) + 1 if used.size else 1
+        return self.feats.tokens[idx, :length], mask[:, :length]
+
+    def lengths(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """(b,) real tokens per row; None when every row has all L tokens (no mask)."""
+        if self.feats.mask is None:
+            return None
+        return self.feats.mask[self._rows(rows)].sum(axis=1)
+
+    def take(self, rows: np.ndarray) -> Modality:
+        return replace(self, index=self.index[rows])
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """A cache row left out of the FeatureSet, and why."""
+
+    guid: str
+    split: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Rows that have every requested feature, in the cache's row order.
+
+    guid, split: (n,) str; label: (n,) int64 (-1 = no label). text / image: None when the set
+    is unimodal. excluded: rows of the cache that were left out (failed extraction).
+    """
+
+    guid: np.ndarray
+    split: np.ndarray
+    label: np.ndarray
+    classes: tuple[str, ...]
+    text: Modality | None
+    image: Modality | None
+    excluded: tuple[Excluded, ...] = ()
+    sources: dict = field(default_factory=dict)  # modality -> {path, encoder, fingerprint}
+    all_guid: np.ndarray = field(default=None, repr=False)  # (N,) every cache row, in order
+    all_split: np.ndarray = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.guid)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def modality(self, name: str) -> Modality | None:
+        return {"text": self.text, "image": self.image}[name]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities present, in canonical order."""
+        return tuple(m for m in MODALITIES if self.modality(m) is not None)
+
+    def take(self, rows: np.ndarray) -> FeatureSet:
+        """The subset at positions `rows` (indices into this set), sharing the arrays."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return replace(
+            self,
+            guid=self.guid[rows],
+            split=self.split[rows],
+            label=self.label[rows],
+            text=None if self.text is None else self.text.take(rows),
+            image=None if self.image is None else self.image.take(rows),
+        )
+
+    def rows_of_split(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def cache_order(self, split: str) -> np.ndarray:
+        """Guids of `split` in the cache's order, INCLUDING excluded rows (for predictions)."""
+        return self.all_guid[self.all_split == split]
+
+    def describe_excluded(self) -> str | None:
+        """One line: how many rows were left out, and why; None when none were."""
+        if not self.excluded:
+            return None
+        by_reason = Counter(e.reason.split(" (")[0] for e in self.excluded)
+        reasons = "; ".join(f"{n} {r}" for r, n in by_reason.most_common())
+        return (
+            f"left out {len(self.excluded)} of {len(self.all_guid)} cache rows without usable "
+            f"features ({reasons}): {few([e.guid for e in self.excluded])}"
+        )
+
+
+def check_inputs(
+    fs: FeatureSet, *, head: str, modalities: tuple[str, ...], require: str, tokens: bool
+) -> tuple[str, ...]:
+    """The modalities `head` will read from fs; a ValueError that names the fix when fs lacks
+    them. require: "all" (every one of `modalities`) or "any" (whichever are present)."""
+    present = tuple(m for m in modalities if fs.modality(m) is not None)
+    missing = [m for m in modalities if m not in present]
+    if require == "all" and missing:
+        raise ValueError(
+            f"head '{head}' needs {' and '.join(modalities)} features, but none for "
+            f"{missing[0]} were given; pass --{missing[0]} ENCODER"
+        )
+    if not present:
+        raise ValueError(
+            f"head '{head}' needs {' or '.join(modalities)} features; pass --text or --image"
+        )
+    if tokens:
+        for m in present:
+            mod = fs.modality(m)
+            if mod.has_tokens:
+                continue
+            if not mod.tokens_requested:
+                raise ValueError(
+                    f"head '{head}' needs {m} tokens, but the feature set was loaded without them; "
+                    "load it with tokens=True"
+                )
+            raise ValueError(
+                f"head '{head}' needs {m} tokens, but {mod.path} stores pooled {m} features only; "
+                "pick a pooled head (concat_mlp, late, gated, clip_match, ...) or extract with tokens"
+            )
+    return present
+
+
+def cache_path(features_dir: Path, encoder: str) -> Path:
+    return Path(features_dir) / f"{encoder}.h5"
+
+
+def load_feature_set(
+    features_dir: str | Path,
+    *,
+    text: str | None = "minilm",
+    image: str | None = "vit",
+    tokens: bool | Iterable[str] = False,
+) -> FeatureSet:
+    """Joins the text group of `<dir>/<text>.h5` and the image group of `<dir>/<image>.h5`.
+
+    One file is opened once when text == image. tokens: load token arrays (True = for every
+    modality, or an iterable of modality names); pooled vectors are always loaded. Rows whose
+    status is not ok in either file are left out and listed in `excluded`. Raises
+    FeatureMismatchError when the two files disagree on guids, splits, labels or classes.
+    """
+    features_dir = Path(features_dir)
+    if text is None and image is None:
+        raise ValueError("no features asked for: give --text, --image or both")
+    if not features_dir.is_dir():
+        raise FileNotFoundError(
+            f"features folder {features_dir} does not exist; create it with "
+            "`fusebench extract --encoder NAME --data DIR --out features` "
+            "and pass --features features/DATASET"
+        )
+    want_tokens = set(MODALITIES) if tokens is True else set(tokens or ())
+    wanted = {m: enc for m, enc in (("text", text), ("image", image)) if enc is not None}
+    stores: dict[str, FeatureStore] = {}  # encoder -> store: each file read once
+    for encoder in dict.fromkeys(wanted.values()):
+        path = cache_path(features_dir, encoder)
+        if not path.exists():
+            have = sorted(p.stem for p in features_dir.glob("*.h5"))
+            raise FileNotFoundError(
+                f"no cache {path}; caches in {features_dir}: {', '.join(have) or 'none'} "
+                f"(extract it with `fusebench extract --encoder {encoder}`)"
+            )
+        mods = [m for m, enc in wanted.items() if enc == encoder]
+        store = FeatureStore.open(path, modalities=mods, tokens=bool(want_tokens & set(mods)))
+        stores[encoder] = store
+        for m in mods:
+            if getattr(store, m) is None:
+                present = [x for x in MODALITIES if _has_group(path, x)]
+                raise ValueError(
+                    f"{path} has no {m} features (it has: {', '.join(present) or 'none'}); "
+                    f"pass an encoder that stores {m} as --{m}"
+                )
+            if m not in want_tokens:  # a shared file may have loaded tokens for the other one
+                feats = getattr(store, m)
+                setattr(store, m, TokenFeatures(None, None, feats.pooled, feats.pooling))
+
+    ref_mod = "text" if "text" in wanted else "image"
+    ref = stores[wanted[ref_mod]]
+    _check_unique(ref)
+    index = {ref_mod: np.arange(len(ref), dtype=np.int64)}
+    ok = ref.status == OK
+    bad = np.flatnonzero(~ok)
+    reasons: dict[int, str] = dict(zip(bad.tolist(), _reasons(ref, bad, ref_mod)))
+    other_mod = "image" if ref_mod == "text" and "image" in wanted else None
+    if other_mod is not None:
+        other = stores[wanted[other_mod]]
+        rows = np.arange(len(other), dtype=np.int64) if other is ref else _join(ref, other)
+        index[other_mod] = rows
+        bad = np.flatnonzero(other.status[rows] != OK)
+        for i, why in zip(bad.tolist(), _reasons(other, rows[bad], other_mod)):
+            reasons.setdefault(i, why)
+        ok &= other.status[rows] == OK
+
+    keep = np.flatnonzero(ok)
+    modality = {
+        m: Modality(
+            name=m,
+            encoder=wanted[m],
+            path=stores[wanted[m]].path,
+            feats=getattr(stores[wanted[m]], m),
+            index=index[m][keep],
+            tokens_requested=m in want_tokens,
+        )
+        for m in wanted
+    }
+    return FeatureSet(
+        guid=ref.guid[keep],
+        split=ref.split[keep],
+        label=ref.label[keep].astype(np.int64),
+        classes=tuple(ref.classes),
+        text=modality.get("text"),
+        image=modality.get("image"),
+        excluded=tuple(
+            Excluded(str(ref.guid[i]), str(ref.split[i]), reasons[i]) for i in sorted(reasons)
+        ),
+        sources={
+            m: {
+                "encoder": wanted[m],
+                "path": str(stores[wanted[m]].path.resolve()),
+                "fingerprint": str(stores[wanted[m]].attrs.get("fingerprint", "")),
+            }
+            for m in wanted
+        },
+        all_guid=ref.guid,
+        all_split=ref.split,
+    )
+
+
+def _join(ref: FeatureStore, other: FeatureStore) -> np.ndarray:
+    """(N,) rows of `other` for each row of `ref`, matched by guid; refuses any disagreement."""
+    a, b = ref.path.name, other.path.name
+    if list(ref.classes) != list(other.classes):
+        raise FeatureMismatchError(
+            f"{a} and {b} disagree on classes ({ref.classes} vs {other.classes}); "
+            "extract both from the same dataset"
+        )
+    _check_unique(other)
+    pos = {g: i for i, g in enumerate(other.guid)}
+    for g in ref.guid:
+        if g not in pos:
+            raise FeatureMismatchError(
+                f"guid {g} is in {a} but not in {b}; extract both from the same dataset"
+            )
+    if len(other) != len(ref):
+        known = set(ref.guid)
+        g = next(g for g in other.guid if g not in known)
+        raise FeatureMismatchError(
+            f"guid {g} is in {b} but not in {a}; extract both from the same dataset"
+        )
+    rows = np.fromiter((pos[g] for g in ref.guid), dtype=np.int64, count=len(ref))
+    for what in ("split", "label"):
+        mine, theirs = getattr(ref, what), getattr(other, what)[rows]
+        diff = np.flatnonzero(mine != theirs)
+        if diff.size:
+            i = int(diff[0])
+            raise FeatureMismatchError(
+                f"{a} and {b} disagree on the {what} of guid {ref.guid[i]} "
+                f"({mine[i]} vs {theirs[i]}) and {diff.size - 1} more; "
+                "extract both from the same dataset"
+            )
+    return rows
+
+
+def _check_unique(store: FeatureStore) -> None:
+    uniq, counts = np.unique(store.guid, return_counts=True)
+    if (counts > 1).any():
+        raise FeatureMismatchError(
+            f"{store.path} has duplicate guid {uniq[counts > 1][0]}; extract it again"
+        )
+
+
+def _reasons(store: FeatureStore, rows: np.ndarray, modality: str) -> list[str]:
+    """Why each of `rows` has no usable features: status, file and the logged error if any."""
+    logged: dict[str, str] = {}
+    for guid, stage, msg in store.errors:
+        logged.setdefault(guid, f" ({stage}: {msg})")
+    out = []
+    for row in rows:
+        state = {0: "never extracted", 2: "failed"}.get(int(store.status[row]), "bad status")
+        out.append(f"{modality} {state} in {store.path.name}{logged.get(store.guid[row], '')}")
+    return out
+
+
+def _has_group(path: Path, name: str) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return name in f

@@ -1,0 +1,327 @@
+"""Torch fusion heads. Every one has the same forward signature:
+
+    forward(text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled) -> (B, C)
+
+    text_tokens  (B, Lt, Dt) float32     text_mask  (B, Lt) bool, True = real token, or None
+    image_tokens (B, Li, Di) float32     image_mask (B, Li) bool or None (every patch is real)
+    text_pooled  (B, Dt')    float32     image_pooled (B, Di') float32
+
+Inputs a head does not read arrive as None (tokens are only gathered for heads that need
+them). Constructors take the input dims and class count, then keyword-only hyperparameters,
+which come from configs/heads/<name>.yaml. All are trained by fuse.trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fuse.registry import check_params, register_head
+from fuse.trainer import InputDims, TorchClassifier, TrainConfig
+
+
+def mlp(d_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:
+    """Linear -> GELU -> Dropout -> Linear: the classifier on top of every fused vector."""
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_out)
+    )
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D), (B, L) bool -> (B, D): mean over real tokens (a row with none gives 0)."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+class FusionHead(nn.Module):
+    """Base class of the torch heads: declares the inputs and builds the trainer wrapper."""
+
+    modalities: tuple[str, ...] = ("text", "image")
+    require = "all"  # every modality in `modalities` must be present
+    tokens = False  # reads token arrays (not just pooled vectors)
+    registry_name = ""
+
+    @classmethod
+    def uses_tokens(cls, params: dict[str, Any]) -> bool:
+        return cls.tokens
+
+    @classmethod
+    def from_config(
+        cls,
+        params: dict[str, Any],
+        *,
+        seed: int,
+        epochs: int | None = None,
+        device: str | None = None,
+        class_weights: bool | None = None,
+    ) -> TorchClassifier:
+        params = dict(params)
+        train = dict(params.pop("train", None) or {})
+        for key, value in (
+            ("epochs", epochs),
+            ("device", device),
+            ("class_weights", class_weights),
+        ):
+            if value is not None:
+                train[key] = value
+        params = check_params(cls, params, cls.registry_name)
+        return TorchClassifier(
+            cls,
+            params=params,
+            train=TrainConfig.from_dict(train, head=cls.registry_name),
+            seed=seed,
+        )
+
+
+class CrossBlock(nn.Module):
+    """Queries attend to keys/values (multi-head attention), then a feed-forward layer;
+    each with a residual connection and LayerNorm."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_mult * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(ffn_mult * dim, dim),
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, q: torch.Tensor, kv: torch.Tensor, kv_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # q (B, Lq, d), kv (B, Lk, d), kv_mask (B, Lk) True = real -> (B, Lq, d)
+        pad = None
+        if kv_mask is not None:
+            pad = ~kv_mask  # (B, Lk) True = ignore
+            # a row without any real key (empty text) attends to its first (zero) slot
+            # instead of producing NaN from a softmax over nothing
+            pad[:, 0] &= kv_mask.any(dim=1)
+        a, _ = self.attn(q, kv, kv, key_padding_mask=pad, need_weights=False)  # (B, Lq, d)
+        x = self.norm1(q + self.drop(a))
+        return self.norm2(x + self.drop(self.ffn(x)))
+
+
+@register_head("cross_attn")
+class CrossAttention(FusionHead):
+    """Text tokens query image tokens; the attended text tokens are mean-pooled over the text
+    mask and classified. bidirectional=True adds image tokens querying text tokens, and the
+    two pooled vectors are concatenated."""
+
+    tokens = True
+
+    def __init__(
+        self,
+        dims: InputDims,
+        n_classes: int,
+        *,
+        dim: int = 256,
+        num_heads: int = 4,
+        layers: int = 1,
+        ffn_mult: int = 2,
+        dropout: float = 0.1,
+        bidirectional: bool = False,
+        hidden: int = 256,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross_attn: dim={dim} must be divisible by num_heads={num_heads}")
+        self.text_in = nn.Sequential(
+            nn.LayerNorm(dims.text_tokens), nn.Linear(dims.text_tokens, dim)
+        )
+        self.image_in = nn.Sequential(
+            nn.LayerNorm(dims.image_tokens), nn.Linear(dims.image_tokens, dim)
+        )
+        self.text_to_image = nn.ModuleList(
+            CrossBlock(dim, num_heads, ffn_mult, dropout) for _ in range(layers)
+        )
+        self.image_to_text = (
+            nn.ModuleList(CrossBlock(dim, num_heads, ffn_mult, dropout) for _ in range(layers))
+            if bidirectional
+            else None
+        )
+        self.classifier = mlp(dim * (2 if bidirectional else 1), hidden, n_classes, dropout)
+
+    def forward(
+        self, text_tokens, text_mask, image_tokens, image_mask, text_pooled=None, image_pooled=None
+    ):
+        t = self.text_in(text_tokens)  # (B, Lt, d)
+        v = self.image_in(image_tokens)  # (B, Li, d)
+        x = t
+        for block in self.text_to_image:
+            x = block(x, v, image_mask)  # (B, Lt, d): text enriched with what it found in the image
+        z = masked_mean(x, text_mask)  # (B, d)
+        if self.image_to_text is not None:
+            y = v
+            for block in self.image_to_text:
+                y = block(y, t, text_mask)  # (B, Li, d)
+            z = torch.cat([z, masked_mean(y, image_mask)], dim=-1)  # (B, 2d)
+        return self.classifier(z)  # (B, C)
+
+
+@register_head("concat_mlp")
+class ConcatMLP(FusionHead):
+    """Early fusion: [LN(t); LN(i)] -> MLP."""
+
+    def __init__(
+        self, dims: InputDims, n_classes: int, *, hidden: int = 512, dropout: float = 0.3
+    ) -> None:
+        super().__init__()
+        self.norm_t = nn.LayerNorm(dims.text_pooled)
+        self.norm_i = nn.LayerNorm(dims.image_pooled)
+        self.classifier = mlp(dims.text_pooled + dims.image_pooled, hidden, n_classes, dropout)
+
+    def forward(self, text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled):
+        z = torch.cat([self.norm_t(text_pooled), self.norm_i(image_pooled)], dim=-1)  # (B, Dt+Di)
+        return self.classifier(z)  # (B, C)
+
+
+@register_head("late")
+class LateFusion(FusionHead):
+    """One MLP per modality; their logits are averaged, or mixed by a learned weight
+    w = sigmoid(a) (starting at 0.5) when learned_weight=True."""
+
+    def __init__(
+        self,
+        dims: InputDims,
+        n_classes: int,
+        *,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        learned_weight: bool = False,
+    ) -> None:
+        super().__init__()
+        self.text = nn.Sequential(
+            nn.LayerNorm(dims.text_pooled), mlp(dims.text_pooled, hidden, n_classes, dropout)
+        )
+        self.image = nn.Sequential(
+            nn.LayerNorm(dims.image_pooled), mlp(dims.image_pooled, hidden, n_classes, dropout)
+        )
+        self.mix = nn.Parameter(torch.zeros(())) if learned_weight else None
+
+    def forward(self, text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled):
+        lt, li = self.text(text_pooled), self.image(image_pooled)  # (B, C) each
+        w = 0.5 if self.mix is None else torch.sigmoid(self.mix)
+        return w * lt + (1 - w) * li  # (B, C)
+
+
+@register_head("gated")
+class GatedFusion(FusionHead):
+    """Gated multimodal unit (Arevalo et al., 2017): h = z * tanh(W_t t) + (1 - z) * tanh(W_i i)
+    with a per-dimension gate z = sigmoid(W_z [t; i]); h -> MLP."""
+
+    def __init__(
+        self,
+        dims: InputDims,
+        n_classes: int,
+        *,
+        dim: int = 256,
+        hidden: int = 256,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        self.norm_t = nn.LayerNorm(dims.text_pooled)
+        self.norm_i = nn.LayerNorm(dims.image_pooled)
+        self.text = nn.Linear(dims.text_pooled, dim)
+        self.image = nn.Linear(dims.image_pooled, dim)
+        self.gate = nn.Linear(dims.text_pooled + dims.image_pooled, dim)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = mlp(dim, hidden, n_classes, dropout)
+
+    def forward(self, text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled):
+        t, i = self.norm_t(text_pooled), self.norm_i(image_pooled)
+        z = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, dim)
+        h = z * torch.tanh(self.text(t)) + (1 - z) * torch.tanh(self.image(i))  # (B, dim)
+        return self.classifier(self.drop(h))  # (B, C)
+
+
+@register_head("clip_match")
+class ClipMatch(FusionHead):
+    """[t, i, t*i, |t-i|, cos(t, i)] -> MLP, the matching features CLIP-style embeddings are
+    made for. Products need one space: when the pooled dims differ (or project=True) both
+    are first projected to `dim`. normalize=True L2-normalizes t and i first (as CLIP does)."""
+
+    def __init__(
+        self,
+        dims: InputDims,
+        n_classes: int,
+        *,
+        dim: int = 256,
+        project: bool = False,
+        normalize: bool = True,
+        hidden: int = 512,
+        dropout: float = 0.3,
+    ) -> None:
+        super().__init__()
+        d = dims.text_pooled
+        if project or dims.text_pooled != dims.image_pooled:
+            self.proj_t, self.proj_i, d = (
+                nn.Linear(dims.text_pooled, dim),
+                nn.Linear(dims.image_pooled, dim),
+                dim,
+            )
+        else:
+            self.proj_t, self.proj_i = nn.Identity(), nn.Identity()
+        self.normalize = normalize
+        self.norm = nn.LayerNorm(4 * d + 1)  # puts products of unit vectors on a trainable scale
+        self.classifier = mlp(4 * d + 1, hidden, n_classes, dropout)
+
+    def forward(self, text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled):
+        t, i = self.proj_t(text_pooled), self.proj_i(image_pooled)  # (B, d) each
+        if self.normalize:
+            t, i = F.normalize(t, dim=-1), F.normalize(i, dim=-1)
+        cos = F.cosine_similarity(t, i, dim=-1).unsqueeze(-1)  # (B, 1)
+        z = torch.cat([t, i, t * i, (t - i).abs(), cos], dim=-1)  # (B, 4d+1)
+        return self.classifier(self.norm(z))  # (B, C)
+
+
+class Unimodal(FusionHead):
+    """A baseline on one modality: its pooled vector (or, with use_tokens=True, the masked
+    mean of its tokens) -> MLP. The other modality is never read."""
+
+    modality = "text"
+
+    def __init__(
+        self,
+        dims: InputDims,
+        n_classes: int,
+        *,
+        hidden: int = 256,
+        dropout: float = 0.3,
+        use_tokens: bool = False,
+    ) -> None:
+        super().__init__()
+        self.use_tokens = use_tokens
+        d = getattr(dims, f"{self.modality}_{'tokens' if use_tokens else 'pooled'}")
+        self.classifier = nn.Sequential(nn.LayerNorm(d), mlp(d, hidden, n_classes, dropout))
+
+    @classmethod
+    def uses_tokens(cls, params: dict[str, Any]) -> bool:
+        return bool(params.get("use_tokens", False))
+
+    def forward(self, text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled):
+        if self.modality == "text":
+            x = masked_mean(text_tokens, text_mask) if self.use_tokens else text_pooled  # (B, D)
+        else:
+            x = masked_mean(image_tokens, image_mask) if self.use_tokens else image_pooled
+        return self.classifier(x)  # (B, C)
+
+
+@register_head("text_only")
+class TextOnly(Unimodal):
+    modalities = ("text",)
+    modality = "text"
+
+
+@register_head("image_only")
+class ImageOnly(Unimodal):
+    modalities = ("image",)
+    modality = "image"

@@ -1,0 +1,168 @@
+"""The head registry: name -> head class; hyperparameters live in configs/heads/<name>.yaml.
+
+Calling contract of a registered head class:
+
+* `modalities`: the inputs it reads ("text", "image"); `require`: "all" of them, or "any"
+  (it uses whichever the FeatureSet has).
+* `uses_tokens(params) -> bool`: whether, with these hyperparameters, it reads token arrays.
+* `from_config(params, *, seed, epochs, device, class_weights) -> estimator`, where the
+  estimator has `fit(train, val, quiet=) -> self`, `predict_proba(rows) -> (n, C)`,
+  `save(folder)`, `needs_tokens`, `get_config()`, and after fit `n_params_`, `train_time_`,
+  `best_iteration_`.
+
+Torch heads (fuse/nets.py) are nn.Modules sharing one forward signature and are wrapped by
+fuse.trainer.TorchClassifier; LightGBM and logistic regression (fuse/classic.py) are
+estimators themselves. Importing this module imports neither torch nor lightgbm.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fuse._util import deep_merge
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "heads"
+
+
+class UnknownHeadError(ValueError):
+    """A head name that is not registered; the message lists the valid ones."""
+
+
+class Registry:
+    """name -> object, filled by a decorator; a duplicate name fails at import time."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str):
+        def decorator(obj):
+            if name in self._items:
+                prev = self._items[name]
+                raise ValueError(
+                    f"{self.kind} '{name}' is already registered by "
+                    f"{prev.__module__}.{prev.__qualname__}; pick another name"
+                )
+            obj.registry_name = name
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def get(self, name: str) -> Any:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownHeadError(
+                f"unknown {self.kind} '{name}'; valid {self.kind}s: {', '.join(self.names())}"
+            ) from None
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
+HEADS = Registry("head")
+register_head = HEADS.register
+
+
+def _load_builtin() -> None:
+    import fuse.classic  # noqa: F401  (registers lightgbm, logreg)
+    import fuse.nets  # noqa: F401  (registers the torch heads)
+
+
+def get_head(name: str) -> type:
+    """The registered class for `name`; an unknown name lists the valid ones."""
+    _load_builtin()
+    return HEADS.get(name)
+
+
+def list_heads(pattern: str = "*") -> list[str]:
+    """Registered head names matching a glob pattern, sorted."""
+    _load_builtin()
+    return HEADS.names(pattern)
+
+
+def head_config(name: str) -> dict[str, Any]:
+    """The hyperparameters in configs/heads/<name>.yaml ({} when a plugin head has none)."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.exists():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} must hold a mapping of hyperparameters, not {type(data).__name__}"
+        )
+    return data
+
+
+def resolve_params(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The head's YAML updated by overrides (nested `train:` keys merge key by key)."""
+    get_head(name)
+    return deep_merge(head_config(name), overrides or {})
+
+
+def head_needs_tokens(name: str, overrides: dict[str, Any] | None = None) -> bool:
+    return bool(get_head(name).uses_tokens(resolve_params(name, overrides)))
+
+
+def build_head(
+    name: str,
+    *,
+    seed: int = 42,
+    overrides: dict[str, Any] | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    class_weights: bool | None = None,
+):
+    """An unfitted estimator for head `name`: its YAML, then `overrides`, then the run-wide
+    options (epochs, device, class_weights: None keeps the YAML's value)."""
+    cls = get_head(name)
+    return cls.from_config(
+        resolve_params(name, overrides),
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+    )
+
+
+def check_params(
+    cls: type, params: dict[str, Any], name: str, *, skip: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """params checked against the constructor's keyword-only arguments: an unknown name fails
+    listing the valid ones; a number written as YAML 1.1 does not parse it ("1e-3") becomes one."""
+    sig = inspect.signature(cls.__init__)
+    valid = {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in skip
+    }
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter '{unknown[0]}' for head '{name}' "
+            f"(configs/heads/{name}.yaml or --set); valid: {', '.join(valid)}"
+        )
+    return {k: coerce(v, valid[k], f"{name}.{k}") for k, v in params.items()}
+
+
+def coerce(value: Any, like: Any, what: str) -> Any:
+    """value as the type of the default `like` (int/float), refusing what is not a number."""
+    if isinstance(like, bool) or not isinstance(like, (int, float)) or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{what} must be a number, not {value!r}") from None
+    if isinstance(like, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -1,0 +1,436 @@
+"""The one trainer of every torch head, and the estimator that wraps it.
+
+AdamW on minibatches of the fit rows; after each epoch the inner validation rows are scored
+(macro-F1 or loss) and the best epoch's weights are kept; training stops after `patience`
+epochs without improvement and the best weights are restored. Only the rows passed as
+`val` are ever used for that choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import f1_score
+from torch import nn
+from tqdm.auto import tqdm
+
+from fuse.features import FeatureSet, check_inputs
+from fuse.registry import coerce
+
+FORWARD_ARGS = (
+    "text_tokens",
+    "text_mask",
+    "image_tokens",
+    "image_mask",
+    "text_pooled",
+    "image_pooled",
+)
+
+
+@dataclass(frozen=True)
+class InputDims:
+    """Feature widths a head is built for (None = that input is absent)."""
+
+    text_pooled: int | None = None
+    image_pooled: int | None = None
+    text_tokens: int | None = None
+    image_tokens: int | None = None
+
+    @classmethod
+    def of(cls, fs: FeatureSet) -> InputDims:
+        t, i = fs.text, fs.image
+        return cls(
+            text_pooled=None if t is None else t.pooled_dim,
+            image_pooled=None if i is None else i.pooled_dim,
+            text_tokens=None if t is None else t.token_dim,
+            image_tokens=None if i is None else i.token_dim,
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a torch head is trained: the `train:` block of configs/heads/<name>.yaml."""
+
+    epochs: int = 10  # upper bound; early stopping usually ends sooner
+    batch_size: int = 64
+    lr: float = 1e-3  # AdamW
+    weight_decay: float = 0.01
+    patience: int = (
+        3  # epochs without a better inner-val score before stopping; 0 = never stop early
+    )
+    monitor: str = (
+        "macro_f1"  # "macro_f1" (inner-val, higher is better) or "loss" (inner-val cross-entropy)
+    )
+    class_weights: bool = False  # weight the loss by inverse class frequency of the fit rows
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 256
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, head: str = "") -> TrainConfig:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in values if k not in valid]
+        if unknown:
+            raise ValueError(
+                f"unknown training option 'train.{unknown[0]}' for head '{head}'; valid: {', '.join(valid)}"
+            )
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: coerce(v, defaults[k], f"train.{k}") for k, v in values.items()})
+        if cfg.monitor not in ("macro_f1", "loss"):
+            raise ValueError(f"train.monitor must be 'macro_f1' or 'loss', not {cfg.monitor!r}")
+        if cfg.epochs < 1 or cfg.batch_size < 1:
+            raise ValueError(f"train.epochs and train.batch_size must be >= 1 (head '{head}')")
+        return cfg
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when torch sees a GPU, else cpu; refuses cuda without a GPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no GPU here; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
+
+
+_warm: set[str] = set()
+
+
+def warm_up(device: torch.device) -> None:
+    """One tiny AdamW step, untimed: torch's one-off lazy initialisation (optimizer imports,
+    kernels) would otherwise land in the train time of whichever head runs first."""
+    if str(device) in _warm:
+        return
+    layer = nn.Linear(4, 2).to(device)
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.zeros(1, 4, device=device)).sum().backward()
+    opt.step()
+    _warm.add(str(device))
+
+
+def gather(
+    fs: FeatureSet,
+    rows: np.ndarray,
+    *,
+    modalities: tuple[str, ...],
+    tokens: bool,
+    device: torch.device,
+) -> dict[str, torch.Tensor | None]:
+    """The forward() inputs for `rows` of fs; inputs of other modalities stay None."""
+    batch: dict[str, torch.Tensor | None] = dict.fromkeys(FORWARD_ARGS)
+    for m in modalities:
+        mod = fs.modality(m)
+        batch[f"{m}_pooled"] = _tensor(mod.pooled(rows), device)  # (b, D')
+        if tokens:
+            tok, mask = mod.tokens(rows)
+            batch[f"{m}_tokens"] = _tensor(tok, device)  # (b, L, D)
+            batch[f"{m}_mask"] = (
+                None if mask is None else torch.from_numpy(mask).to(device)
+            )  # (b, L)
+    return batch
+
+
+def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    # float16 crosses to the device at half the bytes, then becomes float32 there
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True).float()
+
+
+def class_weight_vector(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(C,) n / (C * count_c), the 'balanced' weights; 0 for a class absent from labels."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return np.where(counts > 0, len(labels) / (n_classes * np.maximum(counts, 1)), 0.0)
+
+
+def token_lengths(fs: FeatureSet, modalities: tuple[str, ...], tokens: bool) -> np.ndarray | None:
+    """(n,) padded-away tokens a row needs (summed over masked modalities); None when batches
+    cost the same whatever rows they hold (pooled inputs, or unmasked tokens only)."""
+    if not tokens:
+        return None
+    per = [fs.modality(m).lengths() for m in modalities]
+    per = [p for p in per if p is not None]
+    return np.sum(per, axis=0) if per else None
+
+
+def batches(
+    n: int, batch_size: int, rng: np.random.Generator | None, lengths: np.ndarray | None
+) -> list[np.ndarray]:
+    """Row batches for one pass. rng=None keeps row order (evaluation).
+
+    With lengths, rows are sorted by length inside windows of 16 batches before batching, so
+    a batch pads to similar lengths (tweets: median 30 tokens, a cache Lmax of 128); the batch
+    order is then shuffled. Without, a plain shuffled (or ordered) split."""
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    window = batch_size * (16 if rng is not None else max(n, 1))
+    out = []
+    for start in range(0, n, window):
+        w = order[start : start + window]
+        w = w[np.argsort(lengths[w], kind="stable")]
+        out += [w[i : i + batch_size] for i in range(0, len(w), batch_size)]
+    return out if rng is None else [out[k] for k in rng.permutation(len(out))]
+
+
+@torch.inference_mode()
+def predict_logits(
+    module: nn.Module,
+    fs: FeatureSet,
+    *,
+    modalities: tuple[str, ...],
+    tokens: bool,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """(n, C) float32 logits on the CPU for every row of fs, in fs's order."""
+    module.eval()
+    out = torch.zeros((len(fs), fs.n_classes))
+    for rows in batches(len(fs), batch_size, None, token_lengths(fs, modalities, tokens)):
+        batch = gather(fs, rows, modalities=modalities, tokens=tokens, device=device)
+        out[torch.from_numpy(rows)] = module(**batch).float().cpu()  # (b, C)
+    return out
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int  # 1-based; the weights left in the module are this epoch's
+    history: list[dict[str, float]]  # per epoch: train_loss, val_loss, val_macro_f1
+
+
+def train_module(
+    module: nn.Module,
+    train: FeatureSet,
+    val: FeatureSet | None,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    modalities: tuple[str, ...],
+    tokens: bool,
+    device: torch.device,
+    quiet: bool = True,
+    desc: str = "",
+) -> TrainResult:
+    """Trains `module` in place on `train`; `val` (inner validation rows only) picks the epoch."""
+    n_classes = train.n_classes
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    module.to(device)
+    weight = None
+    if cfg.class_weights:
+        weight = torch.tensor(
+            class_weight_vector(train.label, n_classes), dtype=torch.float32, device=device
+        )
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.AdamW(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    y = torch.as_tensor(train.label, dtype=torch.long)
+    y_val = None if val is None else torch.as_tensor(val.label, dtype=torch.long)
+    best_score, best_epoch, best_state, since = -np.inf, 0, None, 0
+    history: list[dict[str, float]] = []
+    n = len(train)
+    bar = tqdm(
+        total=cfg.epochs * n, unit="sample", unit_scale=True, desc=desc, leave=False, disable=quiet
+    )
+    lengths = token_lengths(train, modalities, tokens)
+    for epoch in range(1, cfg.epochs + 1):
+        module.train()
+        total = 0.0
+        for rows in batches(n, cfg.batch_size, rng, lengths):
+            logits = module(
+                **gather(train, rows, modalities=modalities, tokens=tokens, device=device)
+            )  # (b, C)
+            loss = loss_fn(logits, y[rows].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            opt.step()
+            total += loss.item() * len(rows)
+            bar.update(len(rows))
+        record = {"epoch": epoch, "train_loss": total / max(n, 1)}
+        if val is not None and len(val):
+            logits = predict_logits(
+                module,
+                val,
+                modalities=modalities,
+                tokens=tokens,
+                device=device,
+                batch_size=cfg.eval_batch_size,
+            )
+            record["val_loss"] = float(
+                nn.functional.cross_entropy(
+                    logits, y_val, weight=None if weight is None else weight.cpu()
+                )
+            )
+            record["val_macro_f1"] = float(
+                f1_score(
+                    y_val.numpy(),
+                    logits.argmax(1).numpy(),
+                    labels=range(n_classes),
+                    average="macro",
+                    zero_division=0,
+                )
+            )
+            score = record["val_macro_f1"] if cfg.monitor == "macro_f1" else -record["val_loss"]
+        else:
+            score = float(epoch)  # no validation rows: the last epoch is the best
+        history.append(record)
+        bar.set_postfix(
+            epoch=epoch, **{k: round(v, 3) for k, v in record.items() if k.startswith("val")}
+        )
+        if score > best_score:
+            best_score, best_epoch, since = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            since += 1
+            if cfg.patience and since >= cfg.patience:
+                break
+    bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return TrainResult(best_epoch=best_epoch, history=history)
+
+
+class TorchClassifier:
+    """A torch head behind the estimator interface: fit(train, val) / predict_proba(rows).
+
+    module: a registered FusionHead class (fuse/nets.py); params: its hyperparameters;
+    train: how it is trained. Fitted state ends in `_`.
+    """
+
+    kind = "torch"
+
+    def __init__(
+        self, module: type, *, params: dict[str, Any], train: TrainConfig, seed: int = 42
+    ) -> None:
+        self.module = module
+        self.params = dict(params)
+        self.train = train
+        self.seed = seed
+
+    @property
+    def name(self) -> str:
+        return self.module.registry_name
+
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(self.module.uses_tokens(self.params))
+
+    def __repr__(self) -> str:
+        return f"TorchClassifier({self.name}, seed={self.seed})"
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "head": self.name,
+            "params": dict(self.params),
+            "train": asdict(self.train),
+            "seed": self.seed,
+        }
+
+    def fit(
+        self, train: FeatureSet, val: FeatureSet | None = None, *, quiet: bool = True
+    ) -> TorchClassifier:
+        """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch."""
+        modalities = check_inputs(
+            train,
+            head=self.name,
+            modalities=self.module.modalities,
+            require=self.module.require,
+            tokens=self.needs_tokens,
+        )
+        device = resolve_device(self.train.device)
+        torch.manual_seed(self.seed)  # the initial weights depend on the seed only
+        dims = InputDims.of(train)
+        module = self.module(dims, train.n_classes, **self.params)
+        warm_up(device)
+        start = time.perf_counter()
+        result = train_module(
+            module,
+            train,
+            val,
+            self.train,
+            seed=self.seed,
+            modalities=modalities,
+            tokens=self.needs_tokens,
+            device=device,
+            quiet=quiet,
+            desc=f"{self.name} seed {self.seed}",
+        )
+        self.train_time_ = time.perf_counter() - start
+        self.module_ = module.eval()
+        self.device_ = device
+        self.modalities_ = modalities
+        self.dims_ = dims
+        self.classes_ = tuple(train.classes)
+        self.best_iteration_ = result.best_epoch
+        self.history_ = result.history
+        self.n_params_ = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return self
+
+    def predict_proba(self, rows: FeatureSet) -> np.ndarray:
+        """(n, C) class probabilities for every row of `rows`, in order."""
+        if not hasattr(self, "module_"):
+            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
+        logits = predict_logits(
+            self.module_,
+            rows,
+            modalities=self.modalities_,
+            tokens=self.needs_tokens,
+            device=self.device_,
+            batch_size=self.train.eval_batch_size,
+        )
+        return torch.softmax(logits, dim=1).numpy()
+
+    def save(self, folder: str | Path) -> None:
+        """folder/head.json (what to rebuild) + folder/state.pt (the fitted weights)."""
+        if not hasattr(self, "module_"):
+            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.module_.state_dict().items()}, folder / "state.pt")
+        meta = {
+            "kind": self.kind,
+            **self.get_config(),
+            "dims": asdict(self.dims_),
+            "modalities": list(self.modalities_),
+            "classes": list(self.classes_),
+            "needs_tokens": self.needs_tokens,
+            "best_iteration": self.best_iteration_,
+            "n_params": self.n_params_,
+        }
+        (folder / "head.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str = "auto") -> TorchClassifier:
+        from fuse.registry import get_head
+
+        folder = Path(folder)
+        meta = json.loads((folder / "head.json").read_text())
+        module_cls = get_head(meta["head"])
+        train = TrainConfig.from_dict({**meta["train"], "device": device}, head=meta["head"])
+        self = cls(module_cls, params=meta["params"], train=train, seed=meta["seed"])
+        self.dims_ = InputDims(**meta["dims"])
+        self.classes_ = tuple(meta["classes"])
+        self.modalities_ = tuple(meta["modalities"])
+        self.device_ = resolve_device(device)
+        module = module_cls(self.dims_, len(self.classes_), **self.params)
+        module.load_state_dict(
+            torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        )
+        self.module_ = module.to(self.device_).eval()
+        self.best_iteration_ = meta.get("best_iteration")
+        self.n_params_ = meta.get("n_params")
+        self.history_ = []
+        return self
