@@ -2,10 +2,11 @@
 
 It is NOT real data. It exists so a fresh clone, with no dataset and no hub access, can run
 the whole pipeline and show what the output looks like. The signal is planted on purpose:
-  - text: sentiment phrases (MiniLM reads them), but a third of the texts are neutral-worded
-    captions, so text alone cannot get everything;
+  - text: sentiment phrases (MiniLM reads them), but about a third of the texts are
+    neutral-worded captions, so text alone cannot get everything;
   - image: a colour scene whose palette follows the label (warm/bright, grey, dark/cold) with
-    random shapes and noise, so the image carries what the caption hides;
+    random shapes and noise — except for about a third of the pictures, which are grey
+    whatever the label. Each modality misses what the other shows: fusion should win;
   - 8% of labels are flipped, as in any crowd-labelled set.
 """
 
@@ -45,7 +46,7 @@ def _text(rnd: random.Random, label: str, hide: bool) -> str:
 
 
 def _image(rnd: random.Random, label: str, size: int = 96) -> Image.Image:
-    (r, g, b), spread = _PALETTE[label]
+    (r, g, b), spread = _PALETTE[label]  # label = "neutral" for a picture that tells nothing
     rng = np.random.default_rng(rnd.randrange(2**32))
     base = np.array([r, g, b], dtype=np.float32) + rng.normal(0, spread, 3)
     pixels = base + rng.normal(0, 30, (size, size, 3))  # (H, W, 3)
@@ -70,9 +71,12 @@ def make_synthetic_lab5(root: str | Path, *, n_train: int = 540, n_test: int = 6
     for i in range(n_train + n_test):
         guid = str(i + 1)
         label = rnd.choices(LABELS, weights=(0.3, 0.1, 0.6))[0]
-        hide = label != "neutral" and rnd.random() < 0.35  # caption says nothing; image tells
-        (root / "data" / f"{guid}.txt").write_text(_text(rnd, label, hide) + "\n", encoding="utf-8")
-        _image(rnd, label).save(root / "data" / f"{guid}.jpg", "JPEG", quality=90)
+        # which modality hides the label (the other one still shows it)
+        hidden = rnd.choices(["none", "text", "image"], weights=(0.3, 0.35, 0.35))[0]
+        text = _text(rnd, label, hide=label != "neutral" and hidden == "text")
+        (root / "data" / f"{guid}.txt").write_text(text + "\n", encoding="utf-8")
+        picture = "neutral" if hidden == "image" else label
+        _image(rnd, picture).save(root / "data" / f"{guid}.jpg", "JPEG", quality=90)
         shown = rnd.choice(LABELS) if rnd.random() < 0.08 else label
         if i < n_train:
             train.append(f"{guid},{shown}")
