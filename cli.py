@@ -74,10 +74,11 @@ def extract(
     bad = [p for p in rep.problems if not p[1].endswith("-note")]
     for guid, stage, message in bad[:20]:
         typer.echo(f"  failed {guid} ({stage}): {message}", err=True)
-    notes = len(rep.problems) - len(bad)
-    if len(bad) > 20 or notes:
-        typer.echo(f"  {max(0, len(bad) - 20)} more failures and {notes} notes (e.g. text decoded "
-                   f"with a fallback encoding): fusebench cache info {rep.path}", err=True)
+    more = [f"{len(bad) - 20} more failures"] if len(bad) > 20 else []
+    if notes := len(rep.problems) - len(bad):
+        more.append(f"{notes} notes (e.g. text decoded with a fallback encoding)")
+    if more:
+        typer.echo(f"  {' and '.join(more)}: fusebench cache info {rep.path}", err=True)
     typer.echo(
         f"wrote {rep.path}: {rep.rows} rows, {rep.ok} ok, {rep.failed} failed; computed "
         f"{rep.computed} rows, reused {rep.reused} from an earlier run; {rep.seconds:.1f}s"
