@@ -45,6 +45,7 @@ def extract(
     data_format: Annotated[str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")] = "auto",
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
     on_error: Annotated[str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")] = "skip",
     workers: Annotated[int | None, typer.Option(min=0, help="Image-loading worker processes.")] = None,
@@ -61,7 +62,7 @@ def extract(
     try:
         rep = run_extract(
             data, encoder, out=out, model=model, layer=layer, random_init=random_init,
-            data_format=data_format, batch_size=batch_size, device=device, limit=limit,
+            data_format=data_format, batch_size=batch_size, device=device, precision=precision, limit=limit,
             on_error=on_error, num_workers=workers, overwrite=overwrite, quiet=quiet,
         )
     except (ExtractError, CacheError) as e:

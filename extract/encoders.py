@@ -62,10 +62,19 @@ class EncoderSpec:
     extra_pooling: list[str] = field(default_factory=list)  # also stored as pooled_<name>
     layer: int | None = None  # hidden layer to store; None = the model's last output
     random_init: bool = False  # weights from the config with seed 0, not from a checkpoint
+    precision: str = "auto"  # auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def load_spec(
-    name: str, *, model: str | None = None, layer: int | None = None, random_init: bool = False
+    name: str,
+    *,
+    model: str | None = None,
+    layer: int | None = None,
+    random_init: bool = False,
+    precision: str = "auto",
 ) -> EncoderSpec:
     if name.startswith("hf:"):
         ident = name[3:]
@@ -85,6 +94,9 @@ def load_spec(
             spec.model = model
     spec.layer = layer if layer is not None else spec.layer
     spec.random_init = random_init or spec.random_init
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    spec.precision = precision if precision != "auto" else spec.precision
     if spec.kind not in _KINDS:
         raise ValueError(f"encoder kind '{spec.kind}' unknown; known: {', '.join(sorted(_KINDS))}")
     return spec
@@ -97,9 +109,10 @@ def create_encoder(
     layer: int | None = None,
     random_init: bool = False,
     device: str = "auto",
+    precision: str = "auto",
 ) -> Encoder:
     """`vit`, `bert`, `clip`, `minilm` (configs/encoders/) or `hf:<id-or-path>`."""
-    spec = load_spec(name, model=model, layer=layer, random_init=random_init)
+    spec = load_spec(name, model=model, layer=layer, random_init=random_init, precision=precision)
     return _KINDS[spec.kind](spec, device=resolve_device(device))
 
 
@@ -213,7 +226,11 @@ class Encoder:
 
     @property
     def precision(self) -> str:
-        return "fp16-autocast" if self.device.type == "cuda" else "fp32"
+        """How the forward runs (it changes the numbers, so it goes into the fingerprint)."""
+        p = self.spec.precision
+        if p == "auto":
+            p = "fp16" if self.device.type == "cuda" else "fp32"
+        return "fp32" if p == "fp32" else f"{p}-autocast"
 
     def config(self) -> dict:
         s = self.spec
@@ -229,9 +246,10 @@ class Encoder:
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision.startswith("bf16") else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _hidden(self, out: Any) -> torch.Tensor:
         if self.spec.layer is None:

@@ -152,6 +152,7 @@ def extract(
     data_format: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
+    precision: str = "auto",
     limit: int | None = None,
     on_error: str = "skip",
     num_workers: int | None = None,
@@ -170,7 +171,8 @@ def extract(
     with exclusive_lock(final):  # before the model loads: a second writer hears at once
         rep = _extract_locked(
             ds, final, encoder, model=model, layer=layer, random_init=random_init,
-            batch_size=batch_size, device=device, limit=limit, on_error=on_error,
+            batch_size=batch_size, device=device, precision=precision, limit=limit,
+            on_error=on_error,
             num_workers=num_workers, overwrite=overwrite, quiet=quiet, t0=t0,
         )
     rep.seconds = time.perf_counter() - t0
@@ -179,11 +181,13 @@ def extract(
 
 def _extract_locked(
     ds: Dataset, final: Path, encoder: str, *, model: str | None, layer: int | None,
-    random_init: bool, batch_size: int, device: str, limit: int | None, on_error: str,
+    random_init: bool, batch_size: int, device: str, precision: str, limit: int | None,
+    on_error: str,
     num_workers: int | None, overwrite: bool, quiet: bool, t0: float,
 ) -> ExtractReport:
     samples = ds.samples[:limit] if limit else ds.samples
-    enc = create_encoder(encoder, model=model, layer=layer, random_init=random_init, device=device)
+    enc = create_encoder(encoder, model=model, layer=layer, random_init=random_init,
+                         device=device, precision=precision)
     startup = time.perf_counter() - t0
 
     blocked = {i: s.failed(enc.modalities) for i, s in enumerate(samples)}
@@ -255,9 +259,7 @@ def _check_existing(final: Path, fp: str, config: dict, manifest: list[dict], ov
             old_man = json.loads(f["manifest"][()].decode()) if "manifest" in f else []
     except OSError:
         same, old_cfg, old_man = False, {}, []
-    if same or overwrite:
-        if overwrite:
-            final.unlink()
+    if same or overwrite:  # --overwrite: the old file stays until the new one replaces it
         return
     diffs = describe_differences(old_cfg, old_man, config, manifest) or ["it is unreadable"]
     raise CacheError(

@@ -24,6 +24,7 @@ def rebuild_encoder(config: dict, device: str = "auto") -> Encoder:
     return create_encoder(
         config["encoder"], model=config.get("model"), layer=config.get("layer"),
         random_init=config.get("weights") == "random", device=device,
+        precision=str(config.get("precision") or "auto").removesuffix("-autocast"),
     )
 
 

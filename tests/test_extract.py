@@ -548,3 +548,19 @@ def test_unknown_encoder_exits_2_listing_valid_names(lab5, tmp_path):
     for name in [*list_encoders(), "hf:"]:
         assert name in lines[0]
     assert {"vit", "bert", "clip", "minilm"} <= set(list_encoders())
+
+
+def test_precision_bf16_autocast_is_recorded_and_changes_only_the_low_bits(tiny_models, lab5, tmp_path):
+    stores = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        rep = extract(lab5, "bert", model=str(tiny_models["bert"]), out=out, precision=precision,
+                      device="cpu", quiet=True, num_workers=0)
+        stores[precision] = FeatureStore.open(rep.path)
+    assert stores["fp32"].config["precision"] == "fp32"
+    assert stores["bf16"].config["precision"] == "bf16-autocast"
+    a = stores["fp32"].text.tokens.astype(np.float32)
+    b = stores["bf16"].text.tokens.astype(np.float32)
+    assert not np.array_equal(a, b)  # the autocast really ran
+    np.testing.assert_allclose(a, b, atol=0.15)  # bf16 keeps ~3 significant digits
+    assert cli("cache", "verify", stores["bf16"].path).exit_code == 0
