@@ -212,7 +212,8 @@ class Encoder:
         self.model = self._load_model().to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.revision = "" if spec.random_init else weights_revision(self.model, self.path)
+        # random init: still hashes the folder's config files, which decide the architecture
+        self.revision = weights_revision(self.model, self.path)
 
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel

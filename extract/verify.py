@@ -57,7 +57,7 @@ def verify(
         f"{path}: complete, {len(store)} rows ({int(store.ok().sum())} ok, "
         f"{int(store.failed().sum())} failed)",
         f"fingerprint matches the data at {ds.root} and model {config['model']} "
-        f"({config.get('model_revision') or 'random init'})",
+        f"({config.get('weights')} weights, revision {config.get('model_revision') or 'unknown'})",
     ]
     ok_rows = np.flatnonzero(store.ok())
     picks = ok_rows[np.linspace(0, len(ok_rows) - 1, min(rows, len(ok_rows))).astype(int)] if len(ok_rows) else []
