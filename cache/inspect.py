@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from cache.format import FAILED, OK, TODO
+from cache.reader import decode_attr, read_header
 from cache.writer import temp_path
 
 
@@ -24,15 +25,13 @@ def describe(path: str | Path, *, max_errors: int = 20) -> str:
     except OSError as e:
         raise ValueError(f"{path} is not a readable HDF5 file ({e})") from None
     with f:
-        a = f.attrs
+        a, config, _ = read_header(f)
         lines = [f"{path}  ({path.stat().st_size / 2**20:.1f} MiB)"]
         for key in ("fusebench_format", "encoder", "model", "model_revision", "weights", "dataset",
                     "created", "complete"):
-            lines.append(f"  {key:<16} {_s(a.get(key, ''))}")
-        versions = _s(a.get("versions", "{}"))
-        lines.append(f"  {'versions':<16} {versions}")
-        lines.append(f"  {'fingerprint':<16} {_s(a.get('fingerprint', ''))[:16]}…")
-        config = json.loads(_s(a.get("config", "{}")))
+            lines.append(f"  {key:<16} {a.get(key, '')}")
+        lines.append(f"  {'versions':<16} {a.get('versions', '{}')}")
+        lines.append(f"  {'fingerprint':<16} {str(a.get('fingerprint', ''))[:16]}…")
         lines.append(f"  {'config':<16} {json.dumps(config, sort_keys=True)}")
         n = len(f["guid"]) if "guid" in f else 0
         status = f["status"][:] if "status" in f else np.zeros(0, np.uint8)
@@ -46,7 +45,7 @@ def describe(path: str | Path, *, max_errors: int = 20) -> str:
         def visit(name: str, obj: object) -> None:
             if isinstance(obj, h5py.Dataset) and name.split("/")[0] in ("text", "image"):
                 how = obj.attrs.get("pooling")
-                extra = f"  pooling={_s(how)}" if how is not None else ""
+                extra = f"  pooling={decode_attr(how)}" if how is not None else ""
                 lines.append(f"  {name:<20} {list(obj.shape)} {obj.dtype}{extra}")
 
         f.visititems(visit)
@@ -60,6 +59,3 @@ def describe(path: str | Path, *, max_errors: int = 20) -> str:
                 lines.append(f"    ... {len(rows) - max_errors} more")
     return "\n".join(lines)
 
-
-def _s(v: object) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -68,9 +68,7 @@ class FeatureStore:
         path = Path(path)
         check_openable(path)
         with h5py.File(path, "r") as f:
-            attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            stored_config = json.loads(attrs.get("config", "{}"))
-            stored_manifest = json.loads(f["manifest"][()].decode()) if "manifest" in f else []
+            attrs, stored_config, stored_manifest = read_header(f)
             check_fingerprint(path, attrs, stored_config, stored_manifest, config, manifest)
             feats = {m: _read_modality(f[m], tokens) for m in modalities if m in f}
             errors = []
@@ -98,6 +96,14 @@ class FeatureStore:
 
     def failed(self) -> np.ndarray:
         return self.status == FAILED
+
+
+def read_header(f: h5py.File) -> tuple[dict, dict, list[dict]]:
+    """Root attributes (decoded), the stored config and the stored data manifest."""
+    attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
+    config = json.loads(attrs.get("config", "{}"))
+    manifest = json.loads(f["manifest"][()].decode()) if "manifest" in f else []
+    return attrs, config, manifest
 
 
 def check_openable(path: Path) -> None:
@@ -167,7 +173,7 @@ def _read_modality(g: h5py.Group, tokens: bool) -> TokenFeatures:
     for name, ds in g.items():
         if name.startswith("pooled"):
             pooled[name] = _read(ds)
-            pooling[name] = _attr(ds.attrs.get("pooling", ""))
+            pooling[name] = decode_attr(ds.attrs.get("pooling", ""))
     return TokenFeatures(
         tokens=_read(g["tokens"]) if tokens and "tokens" in g else None,
         mask=_read(g["mask"]) if tokens and "mask" in g else None,
@@ -183,7 +189,7 @@ def _read(ds: h5py.Dataset) -> np.ndarray:
     return out
 
 
-def _attr(v):
+def decode_attr(v):
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.generic):

@@ -9,7 +9,6 @@ every journalled batch and recomputes nothing else.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -36,6 +35,7 @@ from cache import (
 )
 from cache.format import describe_differences
 from cache.journal import Journal
+from cache.reader import read_header
 from extract.datasets import Dataset, Sample, load_dataset, load_image
 from extract.encoders import Encoder, create_encoder
 
@@ -254,10 +254,9 @@ def _check_existing(final: Path, fp: str, config: dict, manifest: list[dict], ov
     """An existing cache is fine when it is complete and built from this data and config."""
     try:
         with h5py.File(final, "r") as f:
-            same = bool(f.attrs.get("complete")) and f.attrs.get("fingerprint") == fp
-            old_cfg = json.loads(f.attrs.get("config", "{}"))
-            old_man = json.loads(f["manifest"][()].decode()) if "manifest" in f else []
-    except OSError:
+            attrs, old_cfg, old_man = read_header(f)
+        same = bool(attrs.get("complete")) and attrs.get("fingerprint") == fp
+    except (OSError, ValueError):
         same, old_cfg, old_man = False, {}, []
     if same or overwrite:  # --overwrite: the old file stays until the new one replaces it
         return
