@@ -50,10 +50,13 @@ def extract(
     on_error: Annotated[str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")] = "skip",
     workers: Annotated[int | None, typer.Option(min=0, help="Image-loading worker processes.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built from other data or settings.")] = False,
+    text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).")] = None,
+    labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
     from cache import CacheError
+    from extract.datasets import split_labels
     from extract.loop import ExtractError
     from extract.loop import extract as run_extract
 
@@ -64,11 +67,16 @@ def extract(
             data, encoder, out=out, model=model, layer=layer, random_init=random_init,
             data_format=data_format, batch_size=batch_size, device=device, precision=precision, limit=limit,
             on_error=on_error, num_workers=workers, overwrite=overwrite, quiet=quiet,
+            text_encoding=text_encoding, labels=split_labels(labels),
         )
     except (ExtractError, CacheError) as e:
-        fail(str(e))
+        fail(" ".join(str(e).split()))
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e), code=2)
+        fail(" ".join(str(e).split()), code=2)
+    except OSError as e:  # a file-system fault the checks before the run could not foresee
+        fail(f"{e.filename or out}: {e.strerror or e}; check the path and the disk, then rerun")
+    except KeyboardInterrupt as e:
+        fail(str(e) or "interrupted; rerun the same command to resume", code=130)
     if rep.up_to_date:
         typer.echo(f"{rep.path} is up to date (same data and settings); nothing to do")
         return
@@ -80,6 +88,13 @@ def extract(
         more.append(f"{notes} notes (e.g. text decoded with a fallback encoding)")
     if more:
         typer.echo(f"  {' and '.join(more)}: fusebench cache info {rep.path}", err=True)
+    if rep.refreshed:  # the data changed since the cache was built: only changed rows ran
+        typer.echo(
+            f"refreshed {rep.path} (the data changed since it was built): {rep.rows} rows, "
+            f"{rep.ok} ok, {rep.failed} failed; computed {rep.computed} rows, reused {rep.kept} "
+            f"unchanged rows from the old cache and {rep.reused} from an earlier run; {rep.seconds:.1f}s"
+        )
+        return
     typer.echo(
         f"wrote {rep.path}: {rep.rows} rows, {rep.ok} ok, {rep.failed} failed; computed "
         f"{rep.computed} rows, reused {rep.reused} from an earlier run; {rep.seconds:.1f}s"
@@ -95,13 +110,15 @@ def cache_info(file: Path) -> None:
         typer.echo(describe(file))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), code=2)
+    except OSError as e:
+        fail(f"cannot read {file} ({e.strerror or e}); check the path and its permissions", code=2)
 
 
 @cache_app.command("verify")
 def cache_verify(
     file: Path,
     data: Annotated[Path | None, typer.Option(help="Dataset to check against (default: the one recorded).")] = None,
-    rows: Annotated[int, typer.Option(help="How many rows to recompute with the encoder.")] = 4,
+    rows: Annotated[int, typer.Option(min=0, help="How many rows to recompute with the encoder.")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Re-check completeness and fingerprint against the data and model; recompute some rows."""
@@ -114,6 +131,8 @@ def cache_verify(
         fail(str(e))
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), code=2)
+    except OSError as e:
+        fail(f"cannot read {e.filename or file} ({e.strerror or e}); check the path and its permissions")
     for line in lines:
         typer.echo(line)
 
@@ -128,7 +147,12 @@ def data_synth(
     """Write a SYNTHETIC lab5-layout dataset (planted text+image signal) for the offline demo."""
     from extract.synthetic import make_synthetic_lab5
 
-    root = make_synthetic_lab5(out, n_train=n_train, n_test=n_test, seed=seed)
+    try:
+        root = make_synthetic_lab5(out, n_train=n_train, n_test=n_test, seed=seed)
+    except ValueError as e:
+        fail(str(e), code=2)
+    except OSError as e:
+        fail(f"cannot write {e.filename or out} ({e.strerror or e}); pass --out a writable folder")
     typer.echo(f"wrote synthetic dataset {root} ({n_train} train, {n_test} test) — not real data")
 
 
@@ -136,14 +160,18 @@ def data_synth(
 def data_check(
     data: Annotated[Path, typer.Option(help="Dataset folder or manifest file.")],
     data_format: Annotated[str | None, typer.Option("--format", help="lab5 | mvsa | manifest")] = None,
+    text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected).")] = None,
+    labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated (default: the labels the rows carry).")] = None,
 ) -> None:
-    """Report every problem in a dataset, sample by sample (decodes every image)."""
-    from extract.datasets import check_report, load_dataset
+    """Report every problem in a dataset, sample by sample (decodes every image): its
+    classes, text encodings, and each bad sample by guid."""
+    from extract.datasets import check_report, load_dataset, split_labels
 
     try:
-        ds = load_dataset(data, data_format, check_images=True)
+        ds = load_dataset(data, data_format, check_images=True, text_encoding=text_encoding,
+                          labels=split_labels(labels))
     except (ValueError, FileNotFoundError) as e:
-        fail(str(e), code=2)
+        fail(" ".join(str(e).split()), code=2)
     typer.echo(check_report(ds))
 
 # ---------------------------------------------------------------- stage two (fuse/)
@@ -155,20 +183,33 @@ Features = Annotated[Path, typer.Option(help="Cache folder features/DATASET, hol
 TextEnc = Annotated[str, typer.Option("--text", help="Encoder whose text features to use; 'none' for image only.")]
 ImageEnc = Annotated[str, typer.Option("--image", help="Encoder whose image features to use; 'none' for text only.")]
 ValRatio = Annotated[float | None, typer.Option(help="Score on a stratified holdout of this share (default 0.1, split seed 42).")]
-Folds = Annotated[int | None, typer.Option(min=2, help="Score with stratified K-fold (seed 42) instead of a holdout.")]
-Epochs = Annotated[int | None, typer.Option(min=1, help="Max epochs of torch heads (default: the head's YAML).")]
-RunsOut = Annotated[Path, typer.Option("--out", help="Runs root; writes OUT/<timestamp>-<name>/.")]
+Folds = Annotated[int | None, typer.Option(help="Score with stratified K-fold (K >= 2, seed 42) instead of a holdout.")]
+Epochs = Annotated[int | None, typer.Option(help="Max epochs of torch heads, >= 1 (default: the head's YAML).")]
+RunsOut = Annotated[Path, typer.Option("--out", help="Runs root; writes OUT/<timestamp>-<name>/ (OUT/<...>.tmp/ until finished).")]
 FuseDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (torch heads).")]
 ClassWeights = Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency.")]
+AllowStale = Annotated[bool, typer.Option(
+    "--allow-stale",
+    help="Use a cache whose dataset changed since extraction (default: refuse, naming the changed "
+    "samples); the run's config.yaml records what changed.",
+)]
 
 
 def _run_stage_two(call):
-    """Calls into fuse/; an error the user can fix (ValueError, FileNotFoundError, CacheError)
-    becomes one line on stderr and exit code 2."""
+    """Calls into fuse/; an error the user can fix becomes one line on stderr: exit code 2
+    for bad input (ValueError, FileNotFoundError), 1 for an unusable cache (CacheError) or a
+    file-system fault (OSError: permissions, full disk, ...)."""
+    from cache import CacheError
+    from fuse._util import os_error_line
+
     try:
         return call()
+    except CacheError as e:
+        fail(" ".join(str(e).split()), code=1)
     except (ValueError, FileNotFoundError) as e:
         fail(" ".join(str(e).split()), code=2)
+    except OSError as e:
+        fail(" ".join(os_error_line(e).split()))
 
 
 def _seeds(text: str) -> list[int]:
@@ -177,12 +218,18 @@ def _seeds(text: str) -> list[int]:
     except ValueError:
         seeds = []
     if not seeds:
-        fail(f"--seeds must be integers separated by commas, e.g. 42,43,44 (got {text!r})", code=2)
+        fail(f"--seeds must be whole numbers separated by commas, e.g. 42,43,44 (got {text!r})", code=2)
     return seeds
 
 
+def _epochs(epochs: int | None) -> int | None:
+    if epochs is not None and epochs < 1:
+        fail(f"--epochs must be at least 1, not {epochs}", code=2)
+    return epochs
+
+
 def _encoder(name: str) -> str | None:
-    return None if name.lower() in ("none", "") else name
+    return None if name.strip().lower() in ("none", "") else name.strip()
 
 
 def _protocol(val_ratio: float | None, folds: int | None):
@@ -200,13 +247,18 @@ def _overrides(pairs: list[str] | None) -> dict:
     out: dict = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        *parents, leaf = key.strip().split(".")
+        if not sep or not all([*parents, leaf]):
             fail(f"--set wants KEY=VALUE (e.g. dim=128 or train.lr=3e-4), got {pair!r}", code=2)
-        *parents, leaf = key.split(".")
         node = out
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                fail(f"--set {pair!r}: {p} was already set to a value, not a group of keys", code=2)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            fail(f"--set {pair!r}: {value!r} is not a value (a number, true/false, or text)", code=2)
     return out
 
 
@@ -218,12 +270,13 @@ def fuse_cmd(
     image: ImageEnc = "vit",
     val_ratio: ValRatio = None,
     folds: Folds = None,
-    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated.")] = "42",
+    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")] = "42",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
     class_weights: ClassWeights = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: --set dim=128 --set train.lr=3e-4.")] = None,
+    allow_stale: AllowStale = False,
     quiet: Quiet = False,
 ) -> None:
     """Train one fusion head on cached features and score it (holdout or K folds, × seeds)."""
@@ -232,8 +285,8 @@ def fuse_cmd(
     protocol = _protocol(val_ratio, folds)
     result = _run_stage_two(lambda: run_fuse(
         head=head, features=features, text=_encoder(text), image=_encoder(image), protocol=protocol,
-        seeds=_seeds(seeds), epochs=epochs, out=out, device=device, class_weights=class_weights,
-        overrides=_overrides(set_), quiet=quiet,
+        seeds=_seeds(seeds), epochs=_epochs(epochs), out=out, device=device, class_weights=class_weights,
+        overrides=_overrides(set_), allow_stale=allow_stale, quiet=quiet,
     ))
     typer.echo(result.table)
     typer.echo(f"run folder: {result.run_dir}")
@@ -247,11 +300,12 @@ def compare(
     image: ImageEnc = "vit",
     val_ratio: ValRatio = None,
     folds: Folds = None,
-    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated.")] = "42,43,44",
+    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")] = "42,43,44",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
     class_weights: ClassWeights = False,
+    allow_stale: AllowStale = False,
     quiet: Quiet = False,
 ) -> None:
     """Every head × fold × seed on one cache: a table sorted by macro-F1, CSV/JSON and plots."""
@@ -260,7 +314,8 @@ def compare(
     protocol = _protocol(val_ratio, folds)
     result = _run_stage_two(lambda: run_compare(
         heads=heads, features=features, text=_encoder(text), image=_encoder(image), protocol=protocol,
-        seeds=_seeds(seeds), epochs=epochs, out=out, device=device, class_weights=class_weights, quiet=quiet,
+        seeds=_seeds(seeds), epochs=_epochs(epochs), out=out, device=device, class_weights=class_weights,
+        allow_stale=allow_stale, quiet=quiet,
     ))
     typer.echo(result.table)
     typer.echo(f"run folder: {result.run_dir}")
@@ -270,24 +325,66 @@ def compare(
 def predict(
     run: Annotated[Path, typer.Option(help="Run folder written by `fuse` or `compare`.")],
     split: Annotated[str, typer.Option(help="Which cache rows to label.")] = "test",
-    out: Annotated[Path, typer.Option(help="Output file: a guid,tag header, then one line per row.")] = Path("predictions.txt"),
+    out: Annotated[Path, typer.Option(help=(
+        "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
+        "A row the head has no usable features for keeps its line with an EMPTY tag (never a "
+        "stand-in class) and is named on stderr."
+    ))] = Path("predictions.txt"),
     head: Annotated[str | None, typer.Option(help="Head of a compare run (default: its best by macro-F1).")] = None,
     features: Annotated[Path | None, typer.Option(help="Where the run's cache folder is now, if it moved.")] = None,
     device: FuseDevice = "auto",
+    allow_stale: AllowStale = False,
     quiet: Quiet = False,
 ) -> None:
-    """Label a split with a run's saved model (refits nothing), in the cache's row order."""
+    """Label a split with a run's saved model (refits nothing), in the cache's row order.
+
+    A head labels every row that has the features it reads (a text_only head labels rows
+    whose image failed); the others get an empty tag and are counted on stderr."""
     from fuse.predict import predict_run
 
-    report = _run_stage_two(lambda: predict_run(run, split=split, out=out, head=head, features=features, device=device))
+    report = _run_stage_two(lambda: predict_run(
+        run, split=split, out=out, head=head, features=features, device=device, allow_stale=allow_stale,
+    ))
     if not quiet:
-        typer.echo(f"wrote {report.n_rows} predictions from head '{report.head}' to {report.out}")
+        empty = f" ({len(report.unpredicted)} with an empty tag: no usable features)" if report.unpredicted else ""
+        typer.echo(f"wrote {report.n_rows} predictions from head '{report.head}' to {report.out}{empty}")
 
 # ---------------------------------------------------------------- end
 
 
 def main() -> None:
-    app()
+    """The console script: runs the app, and turns what a user can cause outside a command's
+    own checks into one line — a usage error (exit 2) or a file-system fault (OSError:
+    permissions, full disk, read-only file system, a name too long ...; exit 1). Any other
+    exception is a bug and surfaces with its traceback."""
+    import sys
+
+    try:  # typer >= 0.26 vendors click as typer._click
+        from typer._click import exceptions as clicks
+    except ImportError:  # pragma: no cover - older typer on the real click
+        from click import exceptions as clicks
+
+    def one_line(message: str, code: int) -> None:
+        typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
+        sys.exit(code)
+
+    try:
+        code = app(standalone_mode=False)
+    except clicks.NoArgsIsHelpError as e:
+        e.show()  # the help text, as `fusebench` alone has always printed
+        sys.exit(e.exit_code)
+    except clicks.UsageError as e:
+        hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+        one_line(e.format_message().rstrip(". ") + hint, 2)
+    except clicks.ClickException as e:
+        one_line(e.format_message(), e.exit_code)
+    except typer.Abort:
+        one_line("aborted", 1)
+    except OSError as e:
+        from fuse._util import os_error_line
+
+        one_line(os_error_line(e), 1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,47 @@ from cache.format import (
     TODO,
     CacheError,
     CacheLockedError,
+    CacheWriteError,
+    DamagedCacheError,
     FingerprintMismatchError,
     IncompleteCacheError,
     TokenFeatures,
     fingerprint,
 )
+from cache.integrity import read_rows
 from cache.reader import FeatureStore, parts_dir
+from cache.sources import (
+    StaleCacheError,
+    check_fresh,
+    ensure_fresh,
+    record_sources,
+    rewrite_sources,
+)
 from cache.writer import CacheWriter, exclusive_lock, temp_path, write_features
 
 __all__ = [
-    "FAILED", "FORMAT_VERSION", "OK", "TODO", "CacheError", "CacheLockedError", "CacheWriter",
-    "FeatureStore", "FingerprintMismatchError", "IncompleteCacheError", "TokenFeatures",
-    "exclusive_lock", "fingerprint", "parts_dir", "temp_path", "write_features",
+    "FAILED",
+    "FORMAT_VERSION",
+    "OK",
+    "TODO",
+    "CacheError",
+    "CacheLockedError",
+    "CacheWriteError",
+    "CacheWriter",
+    "DamagedCacheError",
+    "FeatureStore",
+    "FingerprintMismatchError",
+    "IncompleteCacheError",
+    "StaleCacheError",
+    "TokenFeatures",
+    "check_fresh",
+    "ensure_fresh",
+    "exclusive_lock",
+    "fingerprint",
+    "parts_dir",
+    "read_rows",
+    "record_sources",
+    "rewrite_sources",
+    "temp_path",
+    "write_features",
 ]

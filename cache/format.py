@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno as errno_
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,43 @@ class FingerprintMismatchError(CacheError):
 
 class CacheLockedError(CacheError):
     """Another process is writing this cache."""
+
+
+class DamagedCacheError(CacheError):
+    """Bytes of the file changed after it was written: a checksum or a stored digest fails,
+    or a dataset it needs is missing."""
+
+
+class CacheWriteError(CacheError, OSError):
+    """Writing a cache, its journal or its lock failed (disk full, read-only, ...). Also an
+    OSError, with `errno` and `filename` set, so callers that handle file-system faults see it.
+    The message is one line: the path, what the system said, the fix."""
+
+    def __init__(self, message: str, *, errno: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.filename = errno, filename
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def write_error(path: Path, e: OSError, kept: str = "") -> CacheWriteError:
+    """One line for a file-system fault while writing `path` (h5py's OSErrors carry their errno
+    only in their text: "errno = 28, error message = '...'")."""
+    code = e.errno
+    if code is None and (m := re.search(r"errno = (\d+)", str(e))):
+        code = int(m[1])
+    reason = os.strerror(code) if code else (" ".join(str(e).split()) or type(e).__name__)
+    rerun = f"; then rerun the same command{kept}"
+    if code in (errno_.ENOSPC, errno_.EDQUOT):
+        fix = f"free space on that disk or pass --out on another one{rerun}"
+    elif code in (errno_.EACCES, errno_.EPERM, errno_.EROFS):
+        fix = f"pass --out a folder you can write to, or fix its permissions{rerun}"
+    elif code == errno_.ENAMETOOLONG:
+        fix = f"pass a shorter --out path{rerun}"
+    else:
+        fix = f"check the disk and the path{rerun}"
+    return CacheWriteError(f"cannot write {path} ({reason}); {fix}", errno=code, filename=str(path))
 
 
 @dataclass
@@ -74,7 +115,10 @@ def fingerprint(config: dict, manifest: list[dict]) -> str:
 
 
 def describe_differences(
-    stored_config: dict, stored_manifest: list[dict], config: dict | None, manifest: list[dict] | None
+    stored_config: dict,
+    stored_manifest: list[dict],
+    config: dict | None,
+    manifest: list[dict] | None,
 ) -> list[str]:
     """Human lines saying what differs between what a cache was built from and what is asked now."""
     lines: list[str] = []

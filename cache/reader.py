@@ -1,4 +1,9 @@
-"""Reading a cache: refuses unfinished or mismatched files, then loads arrays into memory."""
+"""Reading a cache: refuses unfinished, mismatched or damaged files, then loads arrays into memory.
+
+Every refusal is a CacheError (or FileNotFoundError) whose one-line message names the file,
+what is wrong and the fix; no h5py KeyError or OSError escapes. What a read checks is listed
+in cache/integrity.py.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +21,17 @@ from cache.format import (
     MODALITIES,
     OK,
     CacheError,
+    DamagedCacheError,
     FingerprintMismatchError,
     IncompleteCacheError,
     TokenFeatures,
     describe_differences,
     fingerprint,
 )
+from cache.integrity import check_digest, damaged, fix_line, read_dataset, stored_digests
 from cache.writer import temp_path
+
+REQUIRED = ("guid", "split", "label", "status", "manifest")  # datasets every cache has
 
 
 @dataclass
@@ -31,6 +40,8 @@ class FeatureStore:
 
     guid, split: (N,) str arrays; label: (N,) int8 (-1 = none); status: (N,) uint8 (1 = ok).
     text / image: TokenFeatures over all N rows, or None when the file lacks that modality.
+    sources: what the data files looked like at extraction (cache/sources.py), or None for a
+    cache written before they were recorded.
     """
 
     path: Path
@@ -45,6 +56,7 @@ class FeatureStore:
     errors: list[tuple[str, str, str]]
     text: TokenFeatures | None
     image: TokenFeatures | None
+    sources: dict | None = None
 
     @property
     def encoder(self) -> str:
@@ -67,27 +79,44 @@ class FeatureStore:
         look like now) to refuse a cache that was built from something else."""
         path = Path(path)
         check_openable(path)
-        with h5py.File(path, "r") as f:
-            attrs, stored_config, stored_manifest = read_header(f)
+        with open_h5(path) as f:
+            attrs, stored_config, stored_manifest = read_header(f, path)
             check_fingerprint(path, attrs, stored_config, stored_manifest, config, manifest)
-            feats = {m: _read_modality(f[m], tokens) for m in modalities if m in f}
+            digests = stored_digests(f, path)
+
+            def small(name: str) -> np.ndarray:
+                a = read_dataset(f[name], path)
+                check_digest(path, name, a, digests)
+                return a
+
+            guid, split, label, status = (small(k) for k in ("guid", "split", "label", "status"))
+            check_rows(path, stored_manifest, guid, split, label, status)
             errors = []
             if "errors" in f:
-                cols = [f["errors"][c].asstr()[:] for c in ("guid", "stage", "message")]
+                cols = [small(f"errors/{c}") for c in ("guid", "stage", "message")]
                 errors = list(zip(*cols))
+            sources = None
+            if "sources" in f:
+                sources = _json(path, "sources", str(small("sources")[()]))
+            feats = {
+                m: _read_modality(f[m], path, tokens, digests, len(guid))
+                for m in modalities
+                if m in f
+            }
             return cls(
                 path=path,
                 attrs=attrs,
                 config=stored_config,
                 manifest=stored_manifest,
-                guid=f["guid"].asstr()[:],
-                split=f["split"].asstr()[:],
-                label=f["label"][:],
-                classes=[str(c) for c in f["label"].attrs["classes"]],
-                status=f["status"][:],
+                guid=guid,
+                split=split,
+                label=label,
+                classes=[str(c) for c in decode_attr(f["label"].attrs["classes"])],
+                status=status,
                 errors=errors,
                 text=feats.get("text"),
                 image=feats.get("image"),
+                sources=sources,
             )
 
     def ok(self) -> np.ndarray:
@@ -98,40 +127,165 @@ class FeatureStore:
         return self.status == FAILED
 
 
-def read_header(f: h5py.File) -> tuple[dict, dict, list[dict]]:
+def open_h5(path: Path) -> h5py.File:
+    """h5py.File(path, "r"), or one CacheError line saying why the file cannot be opened."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(_unopenable(path, e)) from None
+
+
+def _unopenable(path: Path, e: OSError) -> str:
+    text = " ".join(str(e).split())
+    if "signature" in text:
+        return f"{path} is not an HDF5 file (a fusebench cache is written by `fusebench extract`)"
+    if "truncated" in text:
+        return f"{path} is truncated (a copy or a download stopped part-way); copy it again or {fix_line(path)}"
+    if "lock" in text:
+        return f"{path} is open for writing by another process; rerun once it has finished"
+    if "already open for write" in text:
+        return f"{path} was left open for writing by a process that stopped; {fix_line(path)}"
+    if "ermission" in text or getattr(e, "errno", None) == 13:
+        return f"{path} cannot be read (permission denied); fix its permissions"
+    return f"{path} is not a readable HDF5 file ({text}); {fix_line(path)}"
+
+
+def read_header(f: h5py.File, path: Path | None = None) -> tuple[dict, dict, list[dict]]:
     """Root attributes (decoded), the stored config and the stored data manifest."""
+    path = path or Path(f.filename)
     attrs = {k: decode_attr(v) for k, v in f.attrs.items()}
-    config = json.loads(attrs.get("config", "{}"))
-    manifest = json.loads(f["manifest"][()].decode()) if "manifest" in f else []
+    config = _json(path, "config", attrs.get("config", "{}"))
+    manifest = []
+    if "manifest" in f:
+        try:
+            text = f["manifest"][()]
+        except OSError as e:
+            raise damaged(path, "manifest", e) from None
+        manifest = _json(path, "manifest", text.decode() if isinstance(text, bytes) else text)
+    if not isinstance(config, dict) or not isinstance(manifest, list):
+        raise DamagedCacheError(
+            f"{path} is damaged: its config or manifest has the wrong shape; {fix_line(path)}"
+        )
     return attrs, config, manifest
 
 
+def _json(path: Path, what: str, text):
+    try:
+        return json.loads(text.decode() if isinstance(text, bytes) else str(text))
+    except ValueError:
+        raise DamagedCacheError(
+            f"{path} is damaged: its {what} is not readable JSON; {fix_line(path)}"
+        ) from None
+
+
 def check_openable(path: Path) -> None:
-    """Refuses a missing, unfinished or foreign file with a message that says what to do."""
+    """Refuses a missing, unfinished, foreign or incomplete file with a message that says what
+    to do."""
     if not path.exists():
+        if path.is_symlink():
+            raise FileNotFoundError(
+                f"{path} is a link to {path.readlink()}, which does not exist; "
+                "fix the link or extract the cache again"
+            )
         if temp_path(path).exists() or parts_dir(path).exists():
             raise IncompleteCacheError(
                 f"{path} is not finished (an extract run stopped part-way); "
                 "rerun the same extract command to resume it"
             )
         raise FileNotFoundError(f"no cache at {path}; create it with `fusebench extract`")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise CacheError(f"{path} is not a readable HDF5 file ({e}); delete it and extract again") from None
-    with f:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.h5"))
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise CacheError(f"{path} is a folder, not a cache file; pass one .h5 file{hint}")
+    with open_h5(path) as f:
         version = f.attrs.get("fusebench_format")
         if version is None:
             raise CacheError(f"{path} is not a fusebench cache (no fusebench_format attribute)")
-        if int(version) != FORMAT_VERSION:
+        try:
+            version = int(version)
+        except (TypeError, ValueError):
+            version = decode_attr(version)
+        if version != FORMAT_VERSION:
             raise CacheError(
                 f"{path} has cache format {version}; this fusebench reads format {FORMAT_VERSION}"
                 " — extract again with this version"
             )
-        if not bool(f.attrs.get("complete", False)):
+        if not is_true(f.attrs.get("complete", False)):
             raise IncompleteCacheError(
                 f"{path} is marked incomplete; rerun the extract command that made it to finish it"
             )
+        if missing := missing_parts(f):
+            raise DamagedCacheError(
+                f"{path} is missing {', '.join(missing)} (damaged or edited after it was "
+                f"written); {fix_line(path)}"
+            )
+
+
+def is_true(v) -> bool:
+    """A boolean attribute as written (numpy bool); strings and odd values are not trusted."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (bytes, str)):
+        return (v.decode() if isinstance(v, bytes) else v).strip().lower() == "true"
+    return isinstance(v, (int, np.integer)) and int(v) == 1
+
+
+def missing_parts(f: h5py.File) -> list[str]:
+    """What a finished cache needs and this file lacks: datasets, attributes, each modality's
+    pooled vector, and every dataset recorded in its digests."""
+    missing = [name for name in REQUIRED if not isinstance(f.get(name), h5py.Dataset)]
+    missing += [f"attribute {a}" for a in ("config", "fingerprint") if a not in f.attrs]
+    if "label" not in missing and "classes" not in f["label"].attrs:
+        missing.append("attribute label.classes")
+    for m in MODALITIES:
+        if m in f and not isinstance(f[m].get("pooled"), h5py.Dataset):
+            missing.append(f"{m}/pooled")
+    if "errors" in f:
+        missing += [f"errors/{c}" for c in ("guid", "stage", "message") if c not in f["errors"]]
+    raw = f.attrs.get("digests")
+    try:
+        recorded = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        recorded = {}  # stored_digests() reports it
+    if isinstance(recorded, dict):
+        missing += [n for n in recorded if n not in f and n not in missing]
+    return missing
+
+
+def check_rows(
+    path: Path,
+    manifest: list[dict],
+    guid: np.ndarray,
+    split: np.ndarray,
+    label: np.ndarray,
+    status: np.ndarray,
+) -> None:
+    """The per-row arrays agree with the manifest the fingerprint covers, and hold valid values
+    (works for caches written before digests existed)."""
+    n = len(guid)
+    if not (len(split) == len(label) == len(status) == n):
+        raise DamagedCacheError(
+            f"{path} is damaged: guid, split, label and status have different lengths "
+            f"({n}, {len(split)}, {len(label)}, {len(status)}); {fix_line(path)}"
+        )
+    if manifest and len(manifest) != n:
+        raise DamagedCacheError(
+            f"{path} is damaged: {n} rows but its manifest lists {len(manifest)} samples; "
+            f"{fix_line(path)}"
+        )
+    for i, m in enumerate(manifest):
+        for key, arr in (("guid", guid), ("split", split), ("label", label)):
+            if key in m and str(m[key]) != str(arr[i]):
+                raise DamagedCacheError(
+                    f"{path} is damaged: row {i} has {key} {arr[i]!s} but the manifest it was "
+                    f"built from says {m[key]} (edited after writing); {fix_line(path)}"
+                )
+    if n and not np.isin(status, (0, 1, 2)).all():
+        i = int(np.flatnonzero(~np.isin(status, (0, 1, 2)))[0])
+        raise DamagedCacheError(
+            f"{path} is damaged: row {i} has status {int(status[i])} (not 0, 1 or 2); "
+            f"{fix_line(path)}"
+        )
 
 
 def check_fingerprint(
@@ -168,25 +322,35 @@ def parts_dir(path: Path) -> Path:
     return path.with_name(path.name + ".parts")
 
 
-def _read_modality(g: h5py.Group, tokens: bool) -> TokenFeatures:
+def _read_modality(
+    g: h5py.Group, path: Path, tokens: bool, digests: dict[str, str] | None, n: int
+) -> TokenFeatures:
+    """Pooled vectors and the mask are checked against their digests; tokens (the bulk of the
+    file) rely on the fletcher32 checksum of every chunk (`cache verify` checks their digests)."""
     pooled, pooling = {}, {}
+
+    def load(name: str, check: bool) -> np.ndarray:
+        ds = g[name]
+        if ds.ndim == 0 or ds.shape[0] != n:
+            raise DamagedCacheError(
+                f"{path} is damaged: `{ds.name.lstrip('/')}` has shape {ds.shape}, not {n} rows; "
+                f"{fix_line(path)}"
+            )
+        a = read_dataset(ds, path)
+        if check:
+            check_digest(path, ds.name.lstrip("/"), a, digests)
+        return a
+
     for name, ds in g.items():
-        if name.startswith("pooled"):
-            pooled[name] = _read(ds)
+        if name.startswith("pooled") and isinstance(ds, h5py.Dataset):
+            pooled[name] = load(name, True)
             pooling[name] = decode_attr(ds.attrs.get("pooling", ""))
     return TokenFeatures(
-        tokens=_read(g["tokens"]) if tokens and "tokens" in g else None,
-        mask=_read(g["mask"]) if tokens and "mask" in g else None,
+        tokens=load("tokens", False) if tokens and "tokens" in g else None,
+        mask=load("mask", True) if tokens and "mask" in g else None,
         pooled=pooled,
         pooling=pooling,
     )
-
-
-def _read(ds: h5py.Dataset) -> np.ndarray:
-    out = np.empty(ds.shape, dtype=ds.dtype)
-    if out.size:
-        ds.read_direct(out)
-    return out
 
 
 def decode_attr(v):
@@ -195,5 +359,5 @@ def decode_attr(v):
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
-        return v.tolist()
+        return [decode_attr(x) for x in v.tolist()]
     return v

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.resources
+import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ class EncoderSpec:
 
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+POOLINGS = ("cls", "mean")
 
 
 def load_spec(
@@ -76,6 +78,10 @@ def load_spec(
     random_init: bool = False,
     precision: str = "auto",
 ) -> EncoderSpec:
+    """The spec of `name` with command-line overrides; ValueError (one line, naming the YAML
+    file and the key) for anything a user can get wrong."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     if name.startswith("hf:"):
         ident = name[3:]
         if not ident:
@@ -83,23 +89,55 @@ def load_spec(
         spec = EncoderSpec(name=name, kind=_guess_kind(model or ident), model=model or ident)
     else:
         path = CONFIG_DIR / f"{name}.yaml"
-        if not path.exists():
+        if name not in list_encoders():  # also keeps "../heads/x" from reading another YAML
             raise ValueError(
                 f"unknown encoder '{name}'; choose one of {', '.join(list_encoders())} "
                 "or hf:<model-id-or-path>"
             )
-        raw = yaml.safe_load(path.read_text()) or {}
-        spec = EncoderSpec(name=name, **raw)
+        spec = EncoderSpec(name=name, **_read_yaml(path))
         if model:
             spec.model = model
     spec.layer = layer if layer is not None else spec.layer
     spec.random_init = random_init or spec.random_init
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
     spec.precision = precision if precision != "auto" else spec.precision
-    if spec.kind not in _KINDS:
-        raise ValueError(f"encoder kind '{spec.kind}' unknown; known: {', '.join(sorted(_KINDS))}")
     return spec
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """configs/encoders/<name>.yaml as EncoderSpec fields, checked key by key."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML{at}; fix the file") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must be a mapping of key: value lines; fix the file")
+    known = [f.name for f in fields(EncoderSpec) if f.name != "name"]
+    for key in raw:
+        if key not in known:
+            raise ValueError(
+                f"{path}: unknown key '{key}'; use one of {', '.join(known)} (the file stem is the name)"
+            )
+    for key in ("kind", "model"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ValueError(f"{path}: '{key}' is required (a string); add it")
+    checks = {
+        "kind": (lambda v: v in _KINDS, f"one of {', '.join(sorted(_KINDS))}"),
+        "max_length": (lambda v: type(v) is int and v > 0, "a positive integer"),
+        "pooling": (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
+        "extra_pooling": (
+            lambda v: isinstance(v, list) and all(p in POOLINGS for p in v),
+            f"a list of {', '.join(POOLINGS)}",
+        ),
+        "layer": (lambda v: v is None or type(v) is int, "an integer (or absent for the last)"),
+        "random_init": (lambda v: isinstance(v, bool), "true or false"),
+        "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in raw and not ok(raw[key]):
+            raise ValueError(f"{path}: '{key}' must be {what}, not {raw[key]!r}; fix the file")
+    return raw
 
 
 def create_encoder(
@@ -113,7 +151,18 @@ def create_encoder(
 ) -> Encoder:
     """`vit`, `bert`, `clip`, `minilm` (configs/encoders/) or `hf:<id-or-path>`."""
     spec = load_spec(name, model=model, layer=layer, random_init=random_init, precision=precision)
-    return _KINDS[spec.kind](spec, device=resolve_device(device))
+    return build_encoder(spec, resolve_device(device))
+
+
+def build_encoder(spec: EncoderSpec, device: torch.device) -> Encoder:
+    """Loads the model a (checked) spec names: the slow step, kept apart so callers can
+    validate every option before it."""
+    return _KINDS[spec.kind](spec, device=device)
+
+
+def modalities_of(spec: EncoderSpec) -> tuple[str, ...]:
+    """What an encoder of this spec stores, known before its model loads."""
+    return _KINDS[spec.kind].modalities
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,7 +172,16 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"--device must be auto, cpu or cuda, not '{device}'")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no GPU; use --device cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of those"
+        )
+    return dev
 
 
 def resolve_model_path(model: str) -> str:
@@ -152,16 +210,42 @@ def _guess_kind(model: str) -> str:
 
 
 def _hf_call(fn: Callable[..., Any], path: str, **kw: Any) -> Any:
-    """from_pretrained with an error that names the fix when the hub is out of reach."""
+    """from_pretrained with a one-line error that names the fix: a folder that is missing or
+    lacks files, a damaged file in it, or a hub that is out of reach."""
+    from safetensors import SafetensorError
+
+    folder = Path(path).expanduser()
+    if folder.exists() or path.startswith(("/", ".", "~")):
+        if not folder.is_dir():
+            raise ValueError(
+                f"model folder {path} does not exist; pass --model a folder written by "
+                "save_pretrained (or a hub id)"
+                if not folder.exists()
+                else f"model path {path} is a file; pass the folder that holds its config.json"
+            )
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"model folder {path} has no config.json; pass a folder written by save_pretrained "
+                "(config.json, the weights, the tokenizer / processor files)"
+            )
     try:
         return fn(path, **kw)
     except OSError as e:
         hint = (
             "the folder lacks the files it needs (save_pretrained writes them)"
-            if Path(path).exists()
+            if folder.exists()
             else "no network? pass --model /path/to/a/downloaded/snapshot"
         )
-        raise ValueError(f"cannot load '{path}': {hint} ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"cannot load '{path}': {hint} ({_first_line(e)})") from None
+    except (ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"cannot load '{path}': a file in it is damaged or does not fit its config.json "
+            f"({_first_line(e)}); download or save the model again"
+        ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _image_processor(path: str) -> Any:
@@ -173,24 +257,33 @@ def _image_processor(path: str) -> Any:
     return _hf_call(AutoImageProcessor.from_pretrained, path, backend="pil")
 
 
+# Files in a model folder that AutoModel / AutoTokenizer / AutoProcessor.from_pretrained
+# never read: docs, VCS files, other frameworks' weights. Everything else (weights, configs,
+# tokenizer and processor files: vocab.txt, merges.txt, spiece.model, tokenizer.json, ...)
+# goes into the revision hash, so editing any of them invalidates a cache.
+_NOT_READ = ("*.md", "LICENSE*", ".*", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite")
+
+
 def weights_revision(model: Any, path: str) -> str:
-    """The hub commit hash when known, else a content hash of the local weight files,
-    so a cache notices when the weights behind a path change."""
+    """The hub commit hash when known, else a content hash of every file the model's
+    from_pretrained calls can read in the folder (top level: they read nothing below it)."""
     commit = getattr(model.config, "_commit_hash", None)
     if commit:
         return str(commit)
     folder = Path(path)
     files = sorted(
-        p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".json")
+        p for p in folder.iterdir()
+        if p.is_file() and not any(p.match(pattern) for pattern in _NOT_READ)
     ) if folder.is_dir() else []
     if not files:
         return ""
     h = hashlib.sha256()
     for p in files:
-        h.update(p.name.encode())
+        h.update(p.name.encode() + b"\0")
         with open(p, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
+        h.update(b"\0")
     return "sha256:" + h.hexdigest()[:16]
 
 
@@ -214,6 +307,38 @@ class Encoder:
             p.requires_grad_(False)
         # random init: still hashes the folder's config files, which decide the architecture
         self.revision = weights_revision(self.model, self.path)
+        self._check_layer()
+
+    def _check_layer(self) -> None:
+        """--layer K must name a hidden state of every tower; checked before any batch runs."""
+        k, cfg = self.spec.layer, self.model.config
+        if k is None:
+            return
+        towers = [getattr(cfg, n) for n in ("text_config", "vision_config") if hasattr(cfg, n)]
+        counts = [getattr(c, "num_hidden_layers", None) for c in towers or [cfg]]
+        if None in counts:
+            return  # an unusual config: _hidden checks on the first batch instead
+        n = min(counts) + 1  # hidden states: the embeddings, then one per layer
+        if not -n <= k < n:
+            raise ValueError(
+                f"--layer {k} is out of range: the model has hidden states 0..{n - 1} "
+                "(0 = embeddings, -1 = last); pick one of those"
+            )
+
+    def _load_tokenizer(self) -> Any:
+        """The model's own tokenizer. A folder without tokenizer files still "loads" in
+        transformers 5, as a vocabulary of special tokens only that turns every word into
+        [UNK] or ids past the vocabulary: refused here, never extracted."""
+        from transformers import AutoTokenizer
+
+        tok = _hf_call(AutoTokenizer.from_pretrained, self.path)
+        if len(tok) <= len(set(tok.all_special_ids)):
+            raise ValueError(
+                f"model folder {self.path} has no tokenizer vocabulary (tokenizer.json, vocab.txt, "
+                "vocab.json + merges.txt, spiece.model, ...); copy the tokenizer files from the "
+                "model's snapshot (tokenizer.save_pretrained writes them)"
+            )
+        return tok
 
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoConfig, AutoModel
@@ -244,6 +369,7 @@ class Encoder:
             "max_length": s.max_length if "text" in self.modalities else None,
             "pooling": s.pooling,
             "precision": self.precision,
+            "kind": s.kind,
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -295,7 +421,10 @@ def _pool(tokens: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _f16(x: torch.Tensor) -> np.ndarray:
-    return x.float().cpu().numpy().astype(np.float16)
+    """float16 for storage; values beyond ±65504 become inf, which the extraction loop
+    reports as a failed sample (so numpy's overflow warning is noise here)."""
+    with np.errstate(over="ignore"):
+        return x.float().cpu().numpy().astype(np.float16)
 
 
 def _text_features(
@@ -317,10 +446,11 @@ class TextEncoder(Encoder):
     modalities = ("text",)
 
     def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
-        from transformers import AutoTokenizer
-
         super().__init__(spec, device=device)
-        self.tokenizer = _hf_call(AutoTokenizer.from_pretrained, self.path)
+        self.tokenizer = self._load_tokenizer()
+
+    def config(self) -> dict:
+        return super().config() | {"extra_pooling": list(self.spec.extra_pooling)}
 
     @torch.inference_mode()
     def encode_text(self, ids: Sequence[Sequence[int]]) -> TokenFeatures:
@@ -366,10 +496,8 @@ class ClipEncoder(Encoder):
     modalities = ("text", "image")
 
     def __init__(self, spec: EncoderSpec, *, device: torch.device) -> None:
-        from transformers import AutoTokenizer
-
         super().__init__(spec, device=device)
-        self.tokenizer = _hf_call(AutoTokenizer.from_pretrained, self.path)
+        self.tokenizer = self._load_tokenizer()
         self.image_processor = _image_processor(self.path)
         limit = self.model.config.text_config.max_position_embeddings
         self.spec.max_length = min(self.spec.max_length, limit)

@@ -5,13 +5,26 @@
 
 A SIGKILL at any point loses at most the batch in flight; rerunning the same command reuses
 every journalled batch and recomputes nothing else.
+
+Refresh: when the data changed since a cache was built with the same settings (files edited,
+rows added or removed, labels changed), `extract` builds the new cache reusing the stored
+features of every row that was ok and whose inputs (guid, text_sha, image_sha, and the text
+decoding) did not change, per modality; only the other rows are planned, journalled and
+computed. The old cache stays in place until the new one replaces it. Other settings still
+need --overwrite.
+
+Everything the user can get wrong (options, the --out location, the model folder) is checked
+before the model loads; file-system faults while writing become one ExtractError line and
+keep every finished batch for the rerun.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,19 +42,39 @@ from cache import (
     OK,
     CacheError,
     CacheWriter,
+    TokenFeatures,
     exclusive_lock,
     fingerprint,
     parts_dir,
+    record_sources,
+    temp_path,
 )
-from cache.format import describe_differences
+from cache.format import canonical_json, describe_differences
 from cache.journal import Journal
-from cache.reader import read_header
+from cache.reader import decode_attr, read_header
 from extract.datasets import Dataset, Sample, load_dataset, load_image
-from extract.encoders import Encoder, create_encoder
+from extract.encoders import (
+    Encoder,
+    EncoderSpec,
+    build_encoder,
+    load_spec,
+    modalities_of,
+    resolve_device,
+)
+
+# Config keys that follow the data rather than the settings: when only these (and the
+# manifest) differ from an existing cache, `extract` refreshes it instead of asking for
+# --overwrite.
+DATA_KEYS = ("classes", "text_encoding", "limit")
 
 
 class ExtractError(RuntimeError):
-    """`--on-error fail` met a bad sample; the message names it."""
+    """A one-line failure of the run (`--on-error fail` met a bad sample, every sample failed,
+    the disk filled up, ...); the message names it and the fix."""
+
+
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the message says what was kept and how to resume."""
 
 
 @dataclass
@@ -50,7 +83,7 @@ class ExtractReport:
     rows: int
     ok: int
     failed: int
-    computed: int  # rows run through the encoder by this call
+    computed: int  # rows run through the encoder by this call (one per modality)
     reused: int  # rows found already done in the journal of an earlier, stopped run
     seconds: float
     up_to_date: bool = False
@@ -58,27 +91,37 @@ class ExtractReport:
     computed_tokens: int = 0  # text: tokens the model ran on (incl. batch padding)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (guid, stage, message)
     startup_seconds: float = 0.0  # reading the dataset index and loading the model
+    refreshed: bool = False  # the data changed since the existing cache was built
+    kept: int = 0  # refresh: rows whose features were copied from the existing cache
 
 
 @dataclass
 class Plan:
-    """Fixed once per cache: which rows form which batch. Saved in the journal."""
+    """Fixed once per cache: which rows form which batch. Saved in the journal.
+
+    A refresh also fixes which rows are copied from the existing cache: reuse[modality] =
+    [[row, row in that cache], ...], and reuse_from = that cache's fingerprint."""
 
     text_batches: list[list[int]]
     image_batches: list[list[int]]
     text_ids: dict[int, list[int]]  # row -> token ids (truncated, unpadded)
+    reuse: dict[str, list[list[int]]] = field(default_factory=dict)
+    reuse_from: str = ""
 
     def to_json(self) -> dict:
         return {
             "text_batches": self.text_batches,
             "image_batches": self.image_batches,
             "text_ids": {str(k): v for k, v in self.text_ids.items()},
+            "reuse": self.reuse,
+            "reuse_from": self.reuse_from,
         }
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
         return cls(d["text_batches"], d["image_batches"],
-                   {int(k): v for k, v in d["text_ids"].items()})
+                   {int(k): v for k, v in d["text_ids"].items()},
+                   d.get("reuse", {}), d.get("reuse_from", ""))
 
     @property
     def text_len(self) -> int:
@@ -89,6 +132,62 @@ def cache_path(out: str | Path, dataset: str, encoder: str) -> Path:
     """<out>/<dataset>/<encoder>.h5 (hf:org/name -> hf-org--name.h5)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", encoder.replace("/", "--"))
     return Path(out) / dataset / f"{name}.h5"
+
+
+def cache_config(enc: Encoder, ds: Dataset, *, batch_size: int, limit: int | None) -> dict:
+    """Everything that changes the cached numbers or their meaning, as stored in the cache's
+    `config` attribute and hashed into its fingerprint: the encoder's own config, the batch
+    size (padding changes float16 bits), the dataset's format, classes and legacy text
+    encoding, and --limit (None when it covers the whole dataset)."""
+    return enc.config() | {
+        "batch_size": batch_size,
+        "format": ds.format,
+        "limit": limit if limit and limit < len(ds.samples) else None,
+        "classes": list(ds.classes),
+        "text_encoding": ds.text_encoding,
+    }
+
+
+def check_output(final: Path) -> None:
+    """The cache's folder is (made) a writable folder; checked before the model loads, so a
+    bad --out costs seconds, not a model load and a pass over the data."""
+    folder = final.parent
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ExtractError(
+                    f"{p} is a file, not a folder, so {final} cannot be written; "
+                    "pass --out a folder (or move that file away)"
+                )
+            break
+    if final.exists() and not final.is_file():
+        raise ExtractError(f"{final} exists and is not a file; move it away or pass --out elsewhere")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ExtractError(os_error_line(e, folder)) from None
+
+
+def os_error_line(e: OSError, where: Path, kept: str = "") -> str:
+    """One line for a file-system fault: the path, what the system said, and the fix.
+    h5py's OSErrors carry no errno attribute, only 'errno = 28' in their text."""
+    code = e.errno
+    if code is None and (m := re.search(r"errno = (\d+)", str(e))):
+        code = int(m[1])
+    path = e.filename or where
+    reason = os.strerror(code) if code else (" ".join(str(e).split()) or type(e).__name__)
+    rerun = f"; then rerun the same command{kept}" if kept else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space there or pass --out on another disk{rerun}"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"pass --out a folder you can write to, or fix its permissions{rerun}"
+    elif code == errno.ENAMETOOLONG:
+        fix = f"pass a shorter --out path{rerun}"
+    else:
+        fix = f"check the disk and the path{rerun}"
+    return f"cannot write {path} ({reason}); {fix}"
 
 
 def plan_batches(
@@ -158,82 +257,112 @@ def extract(
     num_workers: int | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    text_encoding: str | None = None,
+    labels: Sequence[str] | None = None,
 ) -> ExtractReport:
-    """Runs `encoder` over every sample of `data` and writes <out>/<dataset>/<encoder>.h5."""
+    """Runs `encoder` over every sample of `data` and writes <out>/<dataset>/<encoder>.h5.
+
+    Order of checks: options, the encoder's spec (YAML, name, hf: path) and the device, the
+    dataset index, the --out location, the lock; only then the model loads."""
     if on_error not in ("skip", "fail"):
         raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
     if batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if limit is not None and limit < 1:
+        raise ValueError("--limit must be at least 1")
     t0 = time.perf_counter()
+    spec = load_spec(encoder, model=model, layer=layer, random_init=random_init,
+                     precision=precision)
+    dev = resolve_device(device)
     # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
-    ds = load_dataset(data, data_format, check_images=on_error == "fail")
+    ds = load_dataset(data, data_format, check_images=on_error == "fail",
+                      text_encoding=text_encoding, labels=labels)
     final = cache_path(out, ds.name, encoder)
-    with exclusive_lock(final):  # before the model loads: a second writer hears at once
-        rep = _extract_locked(
-            ds, final, encoder, model=model, layer=layer, random_init=random_init,
-            batch_size=batch_size, device=device, precision=precision, limit=limit,
-            on_error=on_error,
-            num_workers=num_workers, overwrite=overwrite, quiet=quiet, t0=t0,
-        )
+    check_output(final)
+    try:
+        with exclusive_lock(final):  # before the model loads: a second writer hears at once
+            rep = _extract_locked(
+                ds, final, spec, dev, batch_size=batch_size, limit=limit, on_error=on_error,
+                num_workers=num_workers, overwrite=overwrite, quiet=quiet, t0=t0,
+            )
+    except KeyboardInterrupt:
+        parts = parts_dir(final)
+        n = len(list(parts.glob("*.npz"))) if parts.is_dir() else 0
+        kept = (f"{n} finished batches are kept in {parts}; rerun the same command to resume"
+                if n else "nothing was written; rerun the same command to start again")
+        raise ExtractInterrupted(f"interrupted; {kept}") from None
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
 def _extract_locked(
-    ds: Dataset, final: Path, encoder: str, *, model: str | None, layer: int | None,
-    random_init: bool, batch_size: int, device: str, precision: str, limit: int | None,
-    on_error: str,
-    num_workers: int | None, overwrite: bool, quiet: bool, t0: float,
+    ds: Dataset, final: Path, spec: EncoderSpec, dev: torch.device, *, batch_size: int,
+    limit: int | None, on_error: str, num_workers: int | None, overwrite: bool, quiet: bool,
+    t0: float,
 ) -> ExtractReport:
     samples = ds.samples[:limit] if limit else ds.samples
-    enc = create_encoder(encoder, model=model, layer=layer, random_init=random_init,
-                         device=device, precision=precision)
-    startup = time.perf_counter() - t0
-
-    blocked = {i: s.failed(enc.modalities) for i, s in enumerate(samples)}
+    modalities = modalities_of(spec)
+    blocked = {i: s.failed(modalities) for i, s in enumerate(samples)}
     blocked = {i: p for i, p in blocked.items() if p}
-    if on_error == "fail" and blocked:
+    if blocked and (on_error == "fail" or len(blocked) == len(samples)):  # before the model loads
         i = min(blocked)
-        raise ExtractError(_fail_line(samples[i].guid, blocked[i][0].reason))
-    good = {m: [i for i in range(len(samples)) if i not in blocked] for m in enc.modalities}
+        why = blocked[i][0].reason
+        if on_error == "fail":
+            raise ExtractError(_fail_line(samples[i].guid, why))
+        raise ExtractError(_all_failed_line(len(samples), samples[i].guid, why, ds.root))
+    good = {m: [i for i in range(len(samples)) if i not in blocked] for m in modalities}
 
-    config = enc.config() | {"batch_size": batch_size, "format": ds.format, "limit": limit}
+    enc = build_encoder(spec, dev)
+    startup = time.perf_counter() - t0
+    config = cache_config(enc, ds, batch_size=batch_size, limit=limit)
     manifest = ds.manifest()[: len(samples)]
     fp = fingerprint(config, manifest)
 
+    reuse: dict[str, list[list[int]]] = {}
+    reuse_from = ""
     if final.exists():
-        _check_existing(final, fp, config, manifest, overwrite)
-        if not overwrite:
+        state = _existing_cache(final, fp, config, manifest, overwrite)
+        if state == "same":
             return ExtractReport(final, len(samples), 0, 0, 0, 0, 0.0, up_to_date=True)
-    journal = Journal(parts_dir(final), fp)
-    saved = journal.plan
-    plan = Plan.from_json(saved) if saved else plan_batches(enc, samples, good, batch_size)
-    if saved is None:
-        journal.save_plan(plan.to_json())
+        if state == "refresh":
+            reuse, reuse_from = _reusable_rows(final, samples, manifest, good, config)
+
+    try:
+        journal, plan = _open_journal(final, fp, reuse_from)
+        if plan is None:
+            copied = {m: {r for r, _ in reuse.get(m, [])} for m in modalities}
+            todo = {m: [r for r in good[m] if r not in copied[m]] for m in modalities}
+            plan = plan_batches(enc, samples, todo, batch_size)
+            plan.reuse, plan.reuse_from = reuse, reuse_from
+            journal.save_plan(plan.to_json())
+    except OSError as e:
+        raise ExtractError(os_error_line(e, parts_dir(final))) from None
 
     done = {m: journal.done(m) for m in enc.modalities}
     reused = sum(len(b) for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
                  if m in enc.modalities for i, b in enumerate(bs) if i in done[m])
     total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
-    computed = 0
-    with tqdm(total=total, initial=reused, unit="sample", disable=quiet, file=sys.stderr,
-              desc=f"{encoder} {ds.name}", dynamic_ncols=True) as bar:
-        for b, rows in enumerate(plan.text_batches):
-            if b in done.get("text", ()):
-                continue
-            feats = enc.encode_text([plan.text_ids[r] for r in rows])
-            journal.save("text", b, np.asarray(rows), feats, [])
-            computed += len(rows)
-            bar.update(len(rows))
-        for b, ok_rows, feats, failures in _image_batches(enc, samples, plan, done, num_workers):
-            if failures and on_error == "fail":
-                r, _, why = failures[0]
-                raise ExtractError(_fail_line(samples[r].guid, why))
-            journal.save("image", b, np.asarray(ok_rows), feats, failures)
-            computed += len(ok_rows) + len(failures)
-            bar.update(len(ok_rows) + len(failures))
+    kept = " (every finished batch is kept)"
+    try:
+        computed = _compute(enc, samples, plan, journal, done, on_error, num_workers,
+                            bar=dict(total=total, initial=reused, disable=quiet,
+                                     desc=f"{spec.name} {ds.name}"))
+    except OSError as e:
+        raise ExtractError(os_error_line(e, journal.folder, kept)) from None
 
-    status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config, manifest)
+    sources = record_sources(
+        Path(ds.root),
+        [(s.guid, [p for p in (s.text_path, s.image_path) if p is not None and p.is_file()],
+          s.index_line) for s in samples],
+    )
+    try:
+        status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config,
+                                   manifest, sources)
+    except OSError as e:
+        raise ExtractError(os_error_line(e, temp_path(final), kept)) from None
+    except ExtractError:
+        journal.remove()  # nothing usable came out of it: no cache, nothing to resume
+        raise
     journal.remove()
 
     real = sum(len(v) for v in plan.text_ids.values())
@@ -242,29 +371,158 @@ def _extract_locked(
         path=final, rows=len(samples), ok=int((status == OK).sum()),
         failed=int((status == FAILED).sum()), computed=computed, reused=reused,
         seconds=0.0, real_tokens=real, computed_tokens=padded, problems=errors,
-        startup_seconds=startup,
+        startup_seconds=startup, refreshed=bool(plan.reuse_from),
+        kept=sum(len(pairs) for pairs in plan.reuse.values()),
     )
+
+
+def _open_journal(final: Path, fp: str, reuse_from: str) -> tuple[Journal, Plan | None]:
+    """The journal of `fp` and its saved plan (None: plan afresh). A plan that copies rows
+    from a cache other than the one at `final` now is useless: dropped with its batches."""
+    journal = Journal(parts_dir(final), fp)
+    saved = journal.plan
+    plan = Plan.from_json(saved) if saved else None
+    if plan is not None and plan.reuse_from and plan.reuse_from != reuse_from:
+        journal.remove()
+        journal, plan = Journal(parts_dir(final), fp), None
+    return journal, plan
+
+
+def _compute(
+    enc: Encoder, samples: Sequence[Sample], plan: Plan, journal: Journal,
+    done: dict[str, set[int]], on_error: str, num_workers: int | None, bar: dict,
+) -> int:
+    """Runs every planned batch not in the journal; returns how many rows it computed."""
+    computed = 0
+    with tqdm(unit="sample", file=sys.stderr, dynamic_ncols=True, **bar) as progress:
+        for b, rows in enumerate(plan.text_batches):
+            if b in done.get("text", ()):
+                continue
+            feats = enc.encode_text([plan.text_ids[r] for r in rows])
+            ok_rows, feats, failures = _split_nonfinite(enc, "text", np.asarray(rows), feats)
+            _stop_if_failed(on_error, samples, failures)
+            journal.save("text", b, ok_rows, feats, failures)
+            computed += len(rows)
+            progress.update(len(rows))
+        for b, ok_rows, feats, failures in _image_batches(enc, samples, plan, done, num_workers):
+            n = len(ok_rows) + len(failures)
+            ok_rows, feats, overflow = _split_nonfinite(enc, "image", np.asarray(ok_rows), feats)
+            failures = failures + overflow
+            _stop_if_failed(on_error, samples, failures)
+            journal.save("image", b, ok_rows, feats, failures)
+            computed += n
+            progress.update(n)
+    return computed
+
+
+def _stop_if_failed(on_error: str, samples: Sequence[Sample], failures: list) -> None:
+    if failures and on_error == "fail":
+        r, _, why = failures[0]
+        raise ExtractError(_fail_line(samples[r].guid, why))
+
+
+def _split_nonfinite(
+    enc: Encoder, modality: str, rows: np.ndarray, feats: TokenFeatures | None
+) -> tuple[np.ndarray, TokenFeatures | None, list[tuple[int, str, str]]]:
+    """Rows whose float16 features hold inf or NaN (activations beyond float16's ±65504, or
+    an fp16 forward that overflowed) become per-sample failures, never stored features."""
+    if feats is None or not len(rows):
+        return rows, feats, []
+    finite = np.ones(len(rows), dtype=bool)
+    for a in (feats.tokens, *feats.pooled.values()):
+        if a is not None:
+            finite &= np.isfinite(a.reshape(len(rows), -1)).all(axis=1)
+    if finite.all():
+        return rows, feats, []
+    if enc.precision != "fp32":
+        fix = f"rerun with --precision fp32 (the {enc.precision} forward overflowed)"
+    else:
+        fix = "pick a --layer with smaller activations, or another model"
+    why = f"{modality} features are inf/NaN (beyond float16's range ±65504); {fix}"
+    failures = [(int(r), f"{modality}-encode", why) for r in rows[~finite]]
+    keep = np.flatnonzero(finite)
+    return rows[keep], (feats.take(keep) if len(keep) else None), failures
 
 
 def _fail_line(guid: str, reason: str) -> str:
     return f"sample {guid}: {reason} (--on-error skip records it and finishes the rest)"
 
 
-def _check_existing(final: Path, fp: str, config: dict, manifest: list[dict], overwrite: bool) -> None:
-    """An existing cache is fine when it is complete and built from this data and config."""
+def _all_failed_line(n: int, guid: str, reason: str, root: Path) -> str:
+    return (
+        f"every one of the {n} samples failed, so no cache was written (first: {guid}: "
+        f"{reason}); `fusebench data check --data {root}` lists every data problem"
+    )
+
+
+def _existing_cache(final: Path, fp: str, config: dict, manifest: list[dict], overwrite: bool) -> str:
+    """What to do with a cache already at `final`: "same" (complete, same data and settings),
+    "replace" (--overwrite) or "refresh" (same settings, the data changed). Anything else
+    needs --overwrite."""
     try:
         with h5py.File(final, "r") as f:
             attrs, old_cfg, old_man = read_header(f)
-        same = bool(attrs.get("complete")) and attrs.get("fingerprint") == fp
-    except (OSError, ValueError):
-        same, old_cfg, old_man = False, {}, []
-    if same or overwrite:  # --overwrite: the old file stays until the new one replaces it
-        return
-    diffs = describe_differences(old_cfg, old_man, config, manifest) or ["it is unreadable"]
+        complete = bool(attrs.get("complete"))
+    except (OSError, ValueError, KeyError):
+        attrs, old_cfg, old_man, complete = {}, {}, [], False
+    if complete and attrs.get("fingerprint") == fp:
+        return "replace" if overwrite else "same"
+    if overwrite:  # the old file stays until the new one replaces it
+        return "replace"
+    settings = {k: v for k, v in config.items() if k not in DATA_KEYS}
+    old_settings = {k: v for k, v in old_cfg.items() if k not in DATA_KEYS}
+    if complete and canonical_json(settings) == canonical_json(old_settings):
+        return "refresh"
+    diffs = describe_differences(old_settings, old_man, settings, None)
+    if not complete:
+        diffs = ["it is unreadable or unfinished"]
     raise CacheError(
-        f"{final} already exists but was built from other data or settings ({'; '.join(diffs)}); "
+        f"{final} already exists but was built with other settings ({'; '.join(diffs)}); "
         "pass --overwrite to replace it, or --out elsewhere"
     )
+
+
+def _reusable_rows(
+    final: Path, samples: Sequence[Sample], manifest: list[dict], good: dict[str, list[int]],
+    config: dict,
+) -> tuple[dict[str, list[list[int]]], str]:
+    """Refresh: per modality, [row, row in the existing cache] for every row whose features
+    can be copied — the cached row was ok, and its guid and that modality's input (file
+    content hash; for text also the decoding) are unchanged. Returns that and the existing
+    cache's fingerprint."""
+    try:
+        with h5py.File(final, "r") as f:
+            attrs, old_cfg, old_man = read_header(f)
+            status = f["status"][:]
+    except (OSError, KeyError) as e:
+        raise _damaged(final, e) from None
+    if len(old_man) != len(status):
+        return {}, str(attrs.get("fingerprint", ""))
+    at: dict[str, int] = {}
+    ambiguous: set[str] = set()
+    for i, m in enumerate(old_man):
+        if status[i] == OK:
+            if m["guid"] in at:
+                ambiguous.add(m["guid"])
+            at[m["guid"]] = i
+    decoding_changed = old_cfg.get("text_encoding") != config.get("text_encoding")
+    reuse: dict[str, list[list[int]]] = {}
+    for modality, rows in good.items():
+        key = f"{modality}_sha"
+        pairs = []
+        for r in rows:
+            guid = manifest[r]["guid"]
+            i = at.get(guid)
+            if i is None or guid in ambiguous:
+                continue
+            if old_man[i].get(key) is None or old_man[i].get(key) != manifest[r].get(key):
+                continue
+            unicode = str(samples[r].text_encoding).startswith("utf-")
+            if modality == "text" and decoding_changed and not unicode:
+                continue  # same bytes, read with another legacy encoding: other text
+            pairs.append([r, i])
+        reuse[modality] = pairs
+    return reuse, str(attrs.get("fingerprint", ""))
 
 
 def _image_batches(
@@ -290,9 +548,10 @@ def _image_batches(
 
 def _assemble(
     final: Path, ds: Dataset, samples: Sequence[Sample], enc: Encoder, plan: Plan,
-    journal: Journal, blocked: dict, config: dict, manifest: list[dict],
+    journal: Journal, blocked: dict, config: dict, manifest: list[dict], sources: dict,
 ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
-    """Journal -> <final>.tmp -> <final>. Returns status and the error log."""
+    """Journal (+ rows copied from the existing cache on a refresh) -> <final>.tmp -> <final>.
+    Returns status and the error log. ExtractError when no row came out usable."""
     import transformers
 
     import cache
@@ -317,7 +576,9 @@ def _assemble(
                          "fusebench": _version(), "h5py": h5py.__version__,
                          "cache_format": cache.FORMAT_VERSION},
         },
+        sources=sources,
     )
+    old = h5py.File(final, "r") if plan.reuse_from else None
     try:
         done_rows = {m: np.zeros(n, dtype=bool) for m in enc.modalities}
         errors: list[tuple[str, str, str]] = []
@@ -328,37 +589,86 @@ def _assemble(
                 stage = (p.modality or "sample") + ("" if p.fatal else "-note")
                 errors.append((s.guid, stage, p.reason))
             failed[i] = i in blocked
-        for modality, batches in (("text", plan.text_batches), ("image", plan.image_batches)):
-            if modality not in enc.modalities:
-                continue
+        for modality in enc.modalities:
+            length = plan.text_len
+            if modality == "text" and old is not None and plan.reuse.get("text"):
+                old_rows = sorted(i for _, i in plan.reuse["text"])
+                length = max(length, int(old["text/mask"][old_rows].sum(axis=1).max()))
             created = False
-            for b in range(len(batches)):
-                rows, feats, failures = journal.load(modality, b)
-                for r, stage, why in failures:
-                    failed[r] = True
-                    errors.append((samples[r].guid, stage, why))
-                if feats is None or not len(rows):
-                    continue
+            for rows, feats in _feature_blocks(modality, plan, journal, old, failed, errors, samples):
                 if not created:
-                    length = plan.text_len if modality == "text" else feats.tokens.shape[1]
                     writer.create_modality(
                         modality,
-                        tokens=(length, feats.tokens.shape[2]),
+                        tokens=(length if modality == "text" else feats.tokens.shape[1],
+                                feats.tokens.shape[2]),
                         mask=feats.mask is not None,
                         pooled={k: (v.shape[1], feats.pooling.get(k, "")) for k, v in feats.pooled.items()},
                     )
                     created = True
                 writer.write(modality, rows, feats)
                 done_rows[modality][rows] = True
+        if old is not None:
+            old.close()  # before finish() renames the new file over it
         ok = np.logical_and.reduce([done_rows[m] for m in enc.modalities]) & ~failed
+        if n and not ok.any():
+            guid, _, why = next((e for e in errors if not e[1].endswith("-note")), ("?", "", "?"))
+            raise ExtractError(_all_failed_line(n, guid, why, ds.root))
         status = np.where(ok, OK, FAILED).astype(np.uint8)
         writer.set_status(status)
         writer.add_errors(errors)
         writer.finish()
         return status, errors
     except BaseException:
+        if old is not None:
+            old.close()
         writer.abort()
         raise
+
+
+def _feature_blocks(
+    modality: str, plan: Plan, journal: Journal, old: h5py.File | None, failed: np.ndarray,
+    errors: list[tuple[str, str, str]], samples: Sequence[Sample], block: int = 256,
+) -> Iterator[tuple[np.ndarray, TokenFeatures]]:
+    """(rows, features) of one modality: each journalled batch (its failures are recorded in
+    `failed` / `errors` on the way), then the rows a refresh copies from the old cache."""
+    batches = plan.text_batches if modality == "text" else plan.image_batches
+    for b in range(len(batches)):
+        rows, feats, failures = journal.load(modality, b)
+        for r, stage, why in failures:
+            failed[r] = True
+            errors.append((samples[r].guid, stage, why))
+        if feats is not None and len(rows):
+            yield rows, feats
+    pairs = sorted(plan.reuse.get(modality, []), key=lambda p: p[1]) if old is not None else []
+    for start in range(0, len(pairs), block):
+        new_rows = np.asarray([r for r, _ in pairs[start : start + block]])
+        old_rows = [i for _, i in pairs[start : start + block]]  # increasing, as h5py wants
+        try:
+            feats = _old_rows(old[modality], old_rows)
+        except (OSError, KeyError) as e:
+            raise _damaged(Path(old.filename), e) from None
+        yield new_rows, feats
+
+
+def _old_rows(g: h5py.Group, rows: list[int]) -> TokenFeatures:
+    """Rows of one modality group of an existing cache, tokens trimmed to their longest."""
+    mask = g["mask"][rows] if "mask" in g else None
+    tokens = g["tokens"][rows] if "tokens" in g else None
+    if mask is not None and tokens is not None:
+        width = int(mask.sum(axis=1).max())
+        mask, tokens = mask[:, :width], tokens[:, :width]
+    names = [k for k in g if k.startswith("pooled")]
+    return TokenFeatures(
+        tokens=tokens, mask=mask, pooled={k: g[k][rows] for k in names},
+        pooling={k: str(decode_attr(g[k].attrs.get("pooling", ""))) for k in names},
+    )
+
+
+def _damaged(path: Path, e: BaseException) -> CacheError:
+    return CacheError(
+        f"{path} cannot be read to reuse its unchanged rows ({' '.join(str(e).split())}); "
+        "pass --overwrite to rebuild it from scratch"
+    )
 
 
 def _version() -> str:

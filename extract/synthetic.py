@@ -21,22 +21,53 @@ from PIL import Image, ImageDraw
 LABELS = ("negative", "neutral", "positive")
 
 _PHRASES = {
-    "positive": ["what a wonderful day", "I love this so much", "best moment ever",
-                 "so happy right now", "absolutely beautiful", "this made my day",
-                 "feeling grateful and excited", "great vibes with great people"],
-    "neutral": ["here is the schedule for tomorrow", "the meeting is at noon",
-                "photo taken at the station", "new post on the blog",
-                "the store opens at nine", "traffic update for the city centre"],
-    "negative": ["this is terrible", "worst service I have ever had", "so angry and tired",
-                 "I hate waiting like this", "what a disappointing mess",
-                 "feeling awful today", "broken again, unbelievable"],
+    "positive": [
+        "what a wonderful day",
+        "I love this so much",
+        "best moment ever",
+        "so happy right now",
+        "absolutely beautiful",
+        "this made my day",
+        "feeling grateful and excited",
+        "great vibes with great people",
+    ],
+    "neutral": [
+        "here is the schedule for tomorrow",
+        "the meeting is at noon",
+        "photo taken at the station",
+        "new post on the blog",
+        "the store opens at nine",
+        "traffic update for the city centre",
+    ],
+    "negative": [
+        "this is terrible",
+        "worst service I have ever had",
+        "so angry and tired",
+        "I hate waiting like this",
+        "what a disappointing mess",
+        "feeling awful today",
+        "broken again, unbelievable",
+    ],
 }
-_SUBJECTS = ["the beach", "our team", "the new phone", "this city", "the concert", "my dog",
-             "the train", "the weekend", "dinner", "the game"]
+_SUBJECTS = [
+    "the beach",
+    "our team",
+    "the new phone",
+    "this city",
+    "the concert",
+    "my dog",
+    "the train",
+    "the weekend",
+    "dinner",
+    "the game",
+]
 _TAGS = ["#life", "#today", "#photo", "#news", "#weekend", "#mood", "@friend", "#city"]
 # (base RGB, brightness spread): warm and bright / grey / dark and cold
-_PALETTE = {"positive": ((235, 170, 60), 40), "neutral": ((140, 140, 140), 25),
-            "negative": ((40, 60, 110), 30)}
+_PALETTE = {
+    "positive": ((235, 170, 60), 40),
+    "neutral": ((140, 140, 140), 25),
+    "negative": ((40, 60, 110), 30),
+}
 
 
 def _text(rnd: random.Random, label: str, hide: bool) -> str:
@@ -60,11 +91,19 @@ def _image(rnd: random.Random, label: str, size: int = 96) -> Image.Image:
     return img
 
 
-def make_synthetic_lab5(root: str | Path, *, n_train: int = 540, n_test: int = 60,
-                        seed: int = 0) -> Path:
+def make_synthetic_lab5(
+    root: str | Path, *, n_train: int = 540, n_test: int = 60, seed: int = 0
+) -> Path:
     """Writes train.txt, test_without_label.txt and data/<guid>.{txt,jpg} under `root`.
-    Class balance follows lab5 (about 30% negative, 10% neutral, 60% positive)."""
+    Class balance follows lab5 (about 30% negative, 10% neutral, 60% positive).
+    Refuses (ValueError) a folder that holds anything but an earlier synthetic dataset, so a
+    mistyped --out never overwrites real data."""
     root = Path(root)
+    readme = root / "README.txt"
+    if root.exists() and any(root.iterdir()) and _MARK not in _read(readme):
+        raise ValueError(
+            f"{root} exists and is not an earlier synthetic dataset; pass --out a new or empty folder"
+        )
     (root / "data").mkdir(parents=True, exist_ok=True)
     rnd = random.Random(seed)
     train, test = ["guid,tag"], ["guid,tag"]
@@ -84,7 +123,15 @@ def make_synthetic_lab5(root: str | Path, *, n_train: int = 540, n_test: int = 6
             test.append(f"{guid},null")
     (root / "train.txt").write_text("\n".join(train) + "\n")
     (root / "test_without_label.txt").write_text("\n".join(test) + "\n")
-    (root / "README.txt").write_text(
-        "Synthetic data made by fusebench (extract/synthetic.py) for the offline demo. Not real.\n"
-    )
+    readme.write_text(f"{_MARK} for the offline demo. Not real.\n")
     return root
+
+
+_MARK = "Synthetic data made by fusebench (extract/synthetic.py)"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""

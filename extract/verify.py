@@ -1,18 +1,19 @@
-"""`cache verify`: completeness, fingerprint against the data and the model, and a fresh
-forward of a few rows compared with what the cache holds."""
+"""`cache verify`: completeness; every stored array against the sha256 digest recorded at
+assembly (fletcher32 checked on every chunk on the way); guid, split and label of every row
+against the dataset; the fingerprint against the data and the model; and a fresh forward of a
+few rows compared with what the cache holds."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from cache import CacheError, FeatureStore
-from cache.reader import check_openable
-from extract.datasets import load_dataset, load_image
+from cache import CacheError, DamagedCacheError, FeatureStore
+from cache.integrity import fix_line, verify_digests
+from cache.reader import check_openable, open_h5, read_header
+from extract.datasets import Dataset, load_dataset, load_image
 from extract.encoders import Encoder, create_encoder
 
 # float16 storage keeps ~3 significant digits; batching/padding may move the last bit.
@@ -22,19 +23,30 @@ ATOL, RTOL = 2e-3, 4e-3
 def rebuild_encoder(config: dict, device: str = "auto") -> Encoder:
     """The encoder a cache's config describes, loaded the same way `extract` loaded it."""
     return create_encoder(
-        config["encoder"], model=config.get("model"), layer=config.get("layer"),
-        random_init=config.get("weights") == "random", device=device,
+        config["encoder"],
+        model=config.get("model"),
+        layer=config.get("layer"),
+        random_init=config.get("weights") == "random",
+        device=device,
         precision=str(config.get("precision") or "auto").removesuffix("-autocast"),
     )
 
 
-def current_config(enc: Encoder, stored: dict) -> dict:
+def current_config(enc: Encoder, stored: dict, ds: Dataset | None = None) -> dict:
     """What `extract` would record now. Precision follows the stored one: it says how the
-    numbers were computed, and a CPU check of a GPU-made cache is still a valid check."""
-    return enc.config() | {
-        "batch_size": stored.get("batch_size"), "format": stored.get("format"),
-        "limit": stored.get("limit"), "precision": stored.get("precision"),
+    numbers were computed, and a CPU check of a GPU-made cache is still a valid check. The
+    dataset's classes and legacy text encoding come from `ds` when given (else as stored)."""
+    config = enc.config() | {
+        "batch_size": stored.get("batch_size"),
+        "format": stored.get("format"),
+        "limit": stored.get("limit"),
+        "precision": stored.get("precision"),
     }
+    now = {} if ds is None else {"classes": list(ds.classes), "text_encoding": ds.text_encoding}
+    for key in ("classes", "text_encoding"):  # absent from caches written before they counted
+        if key in stored:
+            config[key] = now.get(key, stored[key])
+    return config
 
 
 def verify(
@@ -42,33 +54,74 @@ def verify(
 ) -> list[str]:
     path = Path(path)
     check_openable(path)
-    with h5py.File(path, "r") as f:
-        config = json.loads(f.attrs["config"])
-        data = data or f.attrs.get("data_path")
+    with open_h5(path) as f:
+        attrs, config, _ = read_header(f, path)
+        checked, bad = verify_digests(f, path)
+    if bad:
+        raise DamagedCacheError(f"{path} is damaged: {', '.join(bad)}; {fix_line(path)}")
+    data = data or attrs.get("data_path")
     if not data:
         raise ValueError(f"{path} does not record its dataset; pass --data DIR")
-    ds = load_dataset(data, config.get("format"))
+    if "encoder" not in config:
+        raise DamagedCacheError(f"{path} is damaged: its config names no encoder; {fix_line(path)}")
+    ds = load_dataset(
+        data,
+        config.get("format"),
+        text_encoding=config.get("text_encoding"),
+        labels=config.get("classes"),
+    )
     samples = ds.samples[: config["limit"]] if config.get("limit") else ds.samples
     enc = rebuild_encoder(config, device)
-    store = FeatureStore.open(
-        path, config=current_config(enc, config), manifest=ds.manifest()[: len(samples)]
+    manifest = ds.manifest()[: len(samples)]
+    store = FeatureStore.open(path, config=current_config(enc, config, ds), manifest=manifest)
+    _check_rows_against(store, manifest)
+    integrity = (
+        f"all {checked} arrays match the sha256 digests stored when the cache was written "
+        "(and every chunk's fletcher32)"
+        if checked
+        else "no digests stored (a cache written by an older fusebench): arrays checked only "
+        "against the manifest; extract again with --overwrite to add them"
     )
     lines = [
         f"{path}: complete, {len(store)} rows ({int(store.ok().sum())} ok, "
         f"{int(store.failed().sum())} failed)",
+        f"integrity: {integrity}",
+        f"guid, split and label of all {len(store)} rows match the dataset at {ds.root}",
         f"fingerprint matches the data at {ds.root} and model {config['model']} "
         f"({config.get('weights')} weights, revision {config.get('model_revision') or 'unknown'})",
     ]
     ok_rows = np.flatnonzero(store.ok())
-    picks = ok_rows[np.linspace(0, len(ok_rows) - 1, min(rows, len(ok_rows))).astype(int)] if len(ok_rows) else []
+    picks = (
+        ok_rows[np.linspace(0, len(ok_rows) - 1, min(rows, len(ok_rows))).astype(int)]
+        if len(ok_rows)
+        else []
+    )
     worst = 0.0
     for r in picks:
         fresh = recompute_row(enc, samples[r])
         for modality, feats in fresh.items():
             stored = getattr(store, modality)
             worst = max(worst, _compare(samples[r].guid, modality, stored, r, feats))
-    lines.append(f"recomputed {len(picks)} rows with the encoder: max |diff| {worst:.2g} (within float16)")
+    lines.append(
+        f"recomputed {len(picks)} rows with the encoder: max |diff| {worst:.2g} (within float16)"
+    )
     return lines
+
+
+def _check_rows_against(store: FeatureStore, manifest: list[dict]) -> None:
+    """The stored per-row arrays (not only the stored manifest) say what the data says."""
+    if len(manifest) != len(store):
+        raise CacheError(
+            f"{store.path} has {len(store)} rows but the dataset has {len(manifest)}; extract again"
+        )
+    for i, m in enumerate(manifest):
+        for key in ("guid", "split", "label"):
+            stored = getattr(store, key)[i]
+            if str(stored) != str(m[key]):
+                raise DamagedCacheError(
+                    f"{store.path}: row {i} has {key} {stored} but the dataset says {m[key]} "
+                    f"(sample {m['guid']}); {fix_line(store.path)}"
+                )
 
 
 def recompute_row(enc: Encoder, sample) -> dict:

@@ -16,8 +16,17 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import NotFittedError
 
+from fuse._util import DamagedModelError
 from fuse.features import FeatureSet, check_inputs
-from fuse.registry import check_params, register_head
+from fuse.registry import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    SHARE,
+    Bound,
+    check_params,
+    register_head,
+)
 
 
 def pooled_matrix(fs: FeatureSet, modalities: tuple[str, ...]) -> np.ndarray:
@@ -40,6 +49,7 @@ class PooledEstimator:
     require = "any"  # uses whichever modalities the feature set has
     registry_name = ""
     needs_tokens = False  # the estimator-side answer (TorchClassifier has the same attribute)
+    choices = {"class_weight": (None, "balanced")}
 
     @classmethod
     def uses_tokens(cls, params: dict[str, Any]) -> bool:
@@ -110,9 +120,24 @@ class PooledEstimator:
 
     @classmethod
     def load(cls, folder: str | Path, **_: Any) -> PooledEstimator:
+        """The estimator saved by save(); a missing or damaged file is a DamagedModelError."""
         import joblib
 
-        return joblib.load(Path(folder) / "model.joblib")
+        path = Path(folder) / "model.joblib"
+        try:
+            model = joblib.load(path)
+        except Exception as e:  # unpickling a truncated file raises almost any kind
+            what = " ".join(str(e).split())[:160]
+            raise DamagedModelError(
+                f"{path} cannot be loaded ({type(e).__name__}: {what}); it is missing or "
+                "damaged — rerun the `fusebench fuse` or `compare` command that made the run"
+            ) from None
+        if not isinstance(model, PooledEstimator) or not hasattr(model, "model_"):
+            raise DamagedModelError(
+                f"{path} holds {type(model).__name__}, not a fitted fusebench head; rerun the "
+                "`fusebench fuse` or `compare` command that made the run"
+            )
+        return model
 
     def _fitted(self, train: FeatureSet, modalities: tuple[str, ...], start: float) -> None:
         self.train_time_ = time.perf_counter() - start
@@ -125,6 +150,8 @@ class LogRegHead(PooledEstimator):
     """Standardized pooled features -> multinomial logistic regression (scikit-learn).
 
     It has no epochs to choose: `val` is accepted for the common interface and not used."""
+
+    bounds = {"C": POSITIVE, "max_iter": POSITIVE_INT}
 
     def __init__(
         self,
@@ -173,6 +200,19 @@ class LightGBMHead(PooledEstimator):
     inner validation rows has not improved for `early_stopping_rounds` rounds.
 
     n_params_ counts tree nodes (split thresholds + leaf values) up to the best iteration."""
+
+    bounds = {
+        "n_estimators": POSITIVE_INT,
+        "learning_rate": POSITIVE,
+        "num_leaves": Bound(low=2),
+        "min_child_samples": NON_NEGATIVE,
+        "subsample": SHARE,
+        "colsample_bytree": SHARE,
+        "reg_lambda": NON_NEGATIVE,
+        "max_bin": Bound(low=2),
+        "early_stopping_rounds": POSITIVE_INT,
+        "n_jobs": NON_NEGATIVE,
+    }
 
     def __init__(
         self,

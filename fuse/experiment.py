@@ -4,6 +4,12 @@ The FeatureSet is loaded once per command and its splits computed once; every he
 seed reuses them. For `predict`, the run keeps the model fitted on the FIRST model seed and
 the FIRST scored split (the holdout under --val-ratio): the very model whose scores open
 metrics.json, trained without ever seeing its scored rows. No model is refitted on all rows.
+
+Run folders: everything is checked (heads, seeds, caches, splits) and the run folder is
+created and probed for writing BEFORE any training; the run is written into
+`<out>/<stamp>-<name>.tmp/` and renamed to `<out>/<stamp>-<name>/` only once every file is in
+place (fuse._util.StagedRunDir). A command that fails midway removes its `.tmp` folder, so a
+folder without `.tmp` is always a finished run.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fuse._util import new_run_dir, note, plain, versions
+from fuse._util import StagedRunDir, note, plain, versions
 from fuse.features import FeatureSet, check_inputs, load_feature_set
 from fuse.metrics import aggregate, score
 from fuse.protocol import Fold, StratifiedProtocol
@@ -71,6 +77,28 @@ def parse_heads(spec: str | Sequence[str]) -> tuple[list[str], bool]:
     return list(dict.fromkeys(spec)), False
 
 
+MAX_SEED = 2**32 - 1  # numpy, torch, scikit-learn and LightGBM all take 0 .. 2**32 - 1
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The model seeds, each once, in the given order; a seed given twice is counted once
+    (with a note) — it would only repeat the same numbers and shrink the reported std."""
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise ValueError(
+                f"seed {s!r} is not a whole number from 0 to {MAX_SEED}; pass e.g. --seeds 42,43,44"
+            )
+    unique = list(dict.fromkeys(int(s) for s in seeds))
+    if not unique:
+        raise ValueError("no model seeds given; pass e.g. --seeds 42 or --seeds 42,43,44")
+    if len(unique) < len(seeds):
+        note(
+            f"--seeds repeats a seed; each is used once: {','.join(map(str, unique))} "
+            "(the same seed gives the same numbers)"
+        )
+    return unique
+
+
 def check_heads(
     names: Sequence[str],
     *,
@@ -103,16 +131,17 @@ def load_for_heads(
     image: str | None,
     overrides: dict[str, dict] | None = None,
     skip_unusable: bool = False,
+    allow_stale: bool = False,
 ) -> tuple[FeatureSet, list[str]]:
     """Loads the FeatureSet once, with tokens only for modalities some head reads as tokens,
     and checks every head can run on it. skip_unusable: drop (with a note) heads that cannot,
-    instead of failing — what `--heads all` wants."""
+    instead of failing — what `--heads all` wants. allow_stale: see load_feature_set."""
     overrides = overrides or {}
     tokens: set[str] = set()
     for h in heads:
         if head_needs_tokens(h, overrides.get(h)):
             tokens |= set(get_head(h).modalities)
-    fs = load_feature_set(features, text=text, image=image, tokens=tokens)
+    fs = load_feature_set(features, text=text, image=image, tokens=tokens, allow_stale=allow_stale)
     if (msg := fs.describe_excluded()) is not None:
         note(msg)
     usable = []
@@ -197,12 +226,14 @@ def run_fuse(
     device: str = "auto",
     class_weights: bool = False,
     overrides: dict | None = None,
+    allow_stale: bool = False,
     quiet: bool = False,
 ) -> RunResult:
     """One head × folds × seeds -> runs/<timestamp>-<head>/ with config.yaml, metrics.json,
     model/ (for predict), val_predictions.csv and confusion.png."""
     protocol = protocol or StratifiedProtocol()
     (name,), _ = parse_heads([head])
+    seeds = check_seeds(seeds)
     check_heads(
         [name],
         overrides={name: overrides},
@@ -211,63 +242,69 @@ def run_fuse(
         class_weights=class_weights,
     )
     fs, _ = load_for_heads(
-        features, [name], text=text, image=image, overrides={name: overrides or {}}
-    )
-    folds = protocol.splits(fs)
-    runs = evaluate_head(
-        name,
-        fs,
-        folds,
-        seeds,
-        overrides=overrides,
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
-        quiet=quiet,
-    )
-    summary = aggregate([r.metrics for r in runs], fs.classes)
-    run_dir = new_run_dir(Path(out), name)
-    model = runs[0].model
-    model.save(run_dir / "model")
-    config = _run_config(
-        "fuse",
-        fs,
-        protocol,
-        seeds,
-        features=features,
+        features,
+        [name],
         text=text,
         image=image,
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
-        folds=folds,
-        heads={
-            name: {
-                "config": model.get_config(),
-                "model_dir": "model",
-                "seed": runs[0].seed,
-                "fold": runs[0].fold,
-            }
-        },
+        overrides={name: overrides or {}},
+        allow_stale=allow_stale,
     )
-    _write_yaml(run_dir / "config.yaml", config)
-    metrics = {
-        "head": name,
-        "protocol": protocol.describe(),
-        "classes": list(fs.classes),
-        "summary": summary,
-        "runs": [_run_record(r) for r in runs],
-    }
-    (run_dir / "metrics.json").write_text(json.dumps(plain(metrics), indent=2))
-    write_csv(run_dir / "val_predictions.csv", _predictions(runs, fs))
-    plot_confusion(
-        np.array(summary["confusion_matrix"]),
-        fs.classes,
-        run_dir / "confusion.png",
-        f"{name}: {len(runs)} run(s), macro-F1 {summary['macro_f1']['mean']:.3f}",
-    )
+    folds = splits_of(fs, protocol)
+    with StagedRunDir(out, name) as run:
+        runs = evaluate_head(
+            name,
+            fs,
+            folds,
+            seeds,
+            overrides=overrides,
+            epochs=epochs,
+            device=device,
+            class_weights=class_weights,
+            quiet=quiet,
+        )
+        summary = aggregate([r.metrics for r in runs], fs.classes)
+        model = runs[0].model
+        model.save(run.path / "model")
+        config = _run_config(
+            "fuse",
+            fs,
+            protocol,
+            seeds,
+            features=features,
+            text=text,
+            image=image,
+            epochs=epochs,
+            device=device,
+            class_weights=class_weights,
+            allow_stale=allow_stale,
+            folds=folds,
+            heads={
+                name: {
+                    "config": model.get_config(),
+                    "model_dir": "model",
+                    "seed": runs[0].seed,
+                    "fold": runs[0].fold,
+                }
+            },
+        )
+        _write_yaml(run.path / "config.yaml", config)
+        metrics = {
+            "head": name,
+            "protocol": protocol.describe(),
+            "classes": list(fs.classes),
+            "summary": summary,
+            "runs": [_run_record(r) for r in runs],
+        }
+        (run.path / "metrics.json").write_text(json.dumps(plain(metrics), indent=2))
+        write_csv(run.path / "val_predictions.csv", _predictions(runs, fs))
+        plot_confusion(
+            np.array(summary["confusion_matrix"]),
+            fs.classes,
+            run.path / "confusion.png",
+            f"{name}: {len(runs)} run(s), macro-F1 {summary['macro_f1']['mean']:.3f}",
+        )
     table = format_table({name: summary})
-    return RunResult(run_dir=run_dir, summaries={name: summary}, runs=runs, table=table)
+    return RunResult(run_dir=run.final, summaries={name: summary}, runs=runs, table=table)
 
 
 def run_compare(
@@ -282,6 +319,7 @@ def run_compare(
     out: str | Path = "runs",
     device: str = "auto",
     class_weights: bool = False,
+    allow_stale: bool = False,
     quiet: bool = False,
 ) -> RunResult:
     """Every head × fold × seed on one FeatureSet -> runs/<timestamp>-compare/ with
@@ -291,32 +329,69 @@ def run_compare(
 
     protocol = protocol or StratifiedProtocol()
     names, is_all = parse_heads(heads)
+    seeds = check_seeds(seeds)
     check_heads(names, epochs=epochs, device=device, class_weights=class_weights)
-    fs, names = load_for_heads(features, names, text=text, image=image, skip_unusable=is_all)
-    folds = protocol.splits(fs)
+    fs, names = load_for_heads(
+        features, names, text=text, image=image, skip_unusable=is_all, allow_stale=allow_stale
+    )
+    folds = splits_of(fs, protocol)
     all_runs: list[HeadRun] = []
     summaries: dict[str, dict] = {}
     models: dict[str, Any] = {}
-    with tqdm(
-        total=len(names) * len(folds) * len(seeds), unit="fit", desc="compare", disable=quiet
-    ) as bar:
-        for name in names:
-            bar.set_postfix(head=name)
-            runs = evaluate_head(
-                name,
-                fs,
-                folds,
-                seeds,
-                epochs=epochs,
-                device=device,
-                class_weights=class_weights,
-                quiet=quiet,
-                progress=bar,
-            )
-            summaries[name] = aggregate([r.metrics for r in runs], fs.classes)
-            models[name] = runs[0].model
-            all_runs += runs
-    run_dir = new_run_dir(Path(out), "compare")
+    with StagedRunDir(out, "compare") as run:
+        with tqdm(
+            total=len(names) * len(folds) * len(seeds), unit="fit", desc="compare", disable=quiet
+        ) as bar:
+            for name in names:
+                bar.set_postfix(head=name)
+                runs = evaluate_head(
+                    name,
+                    fs,
+                    folds,
+                    seeds,
+                    epochs=epochs,
+                    device=device,
+                    class_weights=class_weights,
+                    quiet=quiet,
+                    progress=bar,
+                )
+                summaries[name] = aggregate([r.metrics for r in runs], fs.classes)
+                models[name] = runs[0].model
+                all_runs += runs
+        _write_compare(
+            run.path,
+            fs,
+            protocol,
+            seeds,
+            folds,
+            summaries,
+            models,
+            all_runs,
+            features=features,
+            text=text,
+            image=image,
+            epochs=epochs,
+            device=device,
+            class_weights=class_weights,
+            allow_stale=allow_stale,
+        )
+    return RunResult(
+        run_dir=run.final, summaries=summaries, runs=all_runs, table=format_table(summaries)
+    )
+
+
+def _write_compare(
+    run_dir: Path,
+    fs: FeatureSet,
+    protocol: StratifiedProtocol,
+    seeds: Sequence[int],
+    folds: Sequence[Fold],
+    summaries: dict[str, dict],
+    models: dict[str, Any],
+    all_runs: list[HeadRun],
+    **options: Any,
+) -> None:
+    """A compare run's files: the models, config.yaml, results and plots."""
     for name, model in models.items():
         model.save(run_dir / "models" / name)
     order = ranked(summaries)
@@ -325,12 +400,6 @@ def run_compare(
         fs,
         protocol,
         seeds,
-        features=features,
-        text=text,
-        image=image,
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
         folds=folds,
         heads={
             n: {
@@ -341,6 +410,7 @@ def run_compare(
             }
             for n in order
         },
+        **options,
     )
     config["best_head"] = order[0]
     _write_yaml(run_dir / "config.yaml", config)
@@ -361,9 +431,19 @@ def run_compare(
         fs.classes,
         run_dir / "confusion_grid.png",
     )
-    return RunResult(
-        run_dir=run_dir, summaries=summaries, runs=all_runs, table=format_table(summaries)
-    )
+
+
+def splits_of(fs: FeatureSet, protocol: StratifiedProtocol) -> list[Fold]:
+    """protocol.splits(fs), with a note when a class of the cache has no row to learn from
+    (the scores still average over every class of the cache, as the cache defines them)."""
+    folds = protocol.splits(fs)
+    labelled = np.bincount(fs.label[fs.label >= 0], minlength=fs.n_classes)
+    if absent := [c for c, n in zip(fs.classes, labelled) if n == 0]:
+        note(
+            f"class(es) {', '.join(absent)} of the cache have no usable labelled row; "
+            "macro-F1 still averages over every class of the cache"
+        )
+    return folds
 
 
 def _run_config(
@@ -378,12 +458,12 @@ def _run_config(
     epochs,
     device,
     class_weights,
+    allow_stale,
     folds: Sequence[Fold],
     heads: dict,
 ) -> dict:
     """config.yaml: everything needed to understand the numbers and to `predict` with the run."""
     labelled = fs.label[(fs.split == "train") & (fs.label >= 0)]
-    majority = int(np.bincount(labelled, minlength=fs.n_classes).argmax())
     return plain(
         {
             "command": command,
@@ -392,6 +472,9 @@ def _run_config(
             "text": text,
             "image": image,
             "caches": fs.sources,
+            "allow_stale": allow_stale,
+            # cache file -> how its data changed since extraction; {} = every cache was fresh
+            "stale_caches": fs.stale,
             "classes": list(fs.classes),
             "protocol": {**protocol.to_dict(), "description": protocol.describe()},
             "seeds": list(seeds),
@@ -410,7 +493,6 @@ def _run_config(
                     {"guid": e.guid, "split": e.split, "reason": e.reason} for e in fs.excluded
                 ],
             },
-            "fallback_class": fs.classes[majority],
             "saved_model": "each head's model fitted on the first seed and the first scored split "
             "(the holdout under --val-ratio); predict refits nothing",
             "versions": versions(),

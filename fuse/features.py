@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import OK, FeatureStore, TokenFeatures
-from fuse._util import few
+from fuse._util import few, note
 
 MODALITIES = ("text", "image")
 
@@ -101,7 +101,8 @@ class FeatureSet:
     """Rows that have every requested feature, in the cache's row order.
 
     guid, split: (n,) str; label: (n,) int64 (-1 = no label). text / image: None when the set
-    is unimodal. excluded: rows of the cache that were left out (failed extraction).
+    is unimodal. excluded: rows of the cache that were left out (failed extraction, empty or
+    duplicate guid, inf/NaN features), each with its reason.
     """
 
     guid: np.ndarray
@@ -114,6 +115,7 @@ class FeatureSet:
     sources: dict = field(default_factory=dict)  # modality -> {path, encoder, fingerprint}
     all_guid: np.ndarray = field(default=None, repr=False)  # (N,) every cache row, in order
     all_split: np.ndarray = field(default=None, repr=False)
+    stale: dict[str, list[str]] = field(default_factory=dict)  # cache file -> what changed
 
     def __len__(self) -> int:
         return len(self.guid)
@@ -146,8 +148,10 @@ class FeatureSet:
         return np.flatnonzero(self.split == split)
 
     def cache_order(self, split: str) -> np.ndarray:
-        """Guids of `split` in the cache's order, INCLUDING excluded rows (for predictions)."""
-        return self.all_guid[self.all_split == split]
+        """Guids of `split` in the cache's order, INCLUDING excluded rows (for predictions);
+        a guid the cache holds twice is listed once, an empty guid not at all."""
+        guids = self.all_guid[self.all_split == split]
+        return np.array(list(dict.fromkeys(g for g in guids if str(g).strip())), dtype=object)
 
     def describe_excluded(self) -> str | None:
         """One line: how many rows were left out, and why; None when none were."""
@@ -204,29 +208,32 @@ def load_feature_set(
     text: str | None = "minilm",
     image: str | None = "vit",
     tokens: bool | Iterable[str] = False,
+    allow_stale: bool = False,
 ) -> FeatureSet:
     """Joins the text group of `<dir>/<text>.h5` and the image group of `<dir>/<image>.h5`.
 
     One file is opened once when text == image. tokens: load token arrays (True = for every
-    modality, or an iterable of modality names); pooled vectors are always loaded. Rows whose
-    status is not ok in either file are left out and listed in `excluded`. Raises
-    FeatureMismatchError when the two files disagree on guids, splits, labels or classes.
+    modality, or an iterable of modality names); pooled vectors are always loaded.
+
+    Only usable rows join: status ok, a non-empty guid that no other usable row of the file
+    shares, and finite features (no inf/NaN) in what is loaded. Every other row is left out
+    and listed in `excluded` with its reason — a failed duplicate never blocks the join.
+    Raises FeatureMismatchError when the two files disagree on guids, splits, labels or
+    classes. Each cache is checked against the dataset it was extracted from
+    (cache.ensure_fresh): a cache whose data changed since is refused (StaleCacheError),
+    unless allow_stale, which loads it anyway and records what changed in `stale`.
     """
     features_dir = Path(features_dir)
     if text is None and image is None:
-        raise ValueError("no features asked for: give --text, --image or both")
-    if not features_dir.is_dir():
-        raise FileNotFoundError(
-            f"features folder {features_dir} does not exist; create it with "
-            "`fusebench extract --encoder NAME --data DIR --out features` "
-            "and pass --features features/DATASET"
-        )
+        raise ValueError("no features asked for: give --text, --image or both (not both none)")
+    _check_features_dir(features_dir)
     want_tokens = set(MODALITIES) if tokens is True else set(tokens or ())
     wanted = {m: enc for m, enc in (("text", text), ("image", image)) if enc is not None}
     stores: dict[str, FeatureStore] = {}  # encoder -> store: each file read once
+    stale: dict[str, list[str]] = {}
     for encoder in dict.fromkeys(wanted.values()):
         path = cache_path(features_dir, encoder)
-        if not path.exists():
+        if not path.is_file():
             have = sorted(p.stem for p in features_dir.glob("*.h5"))
             raise FileNotFoundError(
                 f"no cache {path}; caches in {features_dir}: {', '.join(have) or 'none'} "
@@ -234,6 +241,8 @@ def load_feature_set(
             )
         mods = [m for m, enc in wanted.items() if enc == encoder]
         store = FeatureStore.open(path, modalities=mods, tokens=bool(want_tokens & set(mods)))
+        if lines := _freshness(store, allow_stale):
+            stale[path.name] = lines
         stores[encoder] = store
         for m in mods:
             if getattr(store, m) is None:
@@ -245,25 +254,36 @@ def load_feature_set(
             if m not in want_tokens:  # a shared file may have loaded tokens for the other one
                 feats = getattr(store, m)
                 setattr(store, m, TokenFeatures(None, None, feats.pooled, feats.pooling))
+        _check_labels(store)
 
     ref_mod = "text" if "text" in wanted else "image"
     ref = stores[wanted[ref_mod]]
-    _check_unique(ref)
-    index = {ref_mod: np.arange(len(ref), dtype=np.int64)}
-    ok = ref.status == OK
-    bad = np.flatnonzero(~ok)
-    reasons: dict[int, str] = dict(zip(bad.tolist(), _reasons(ref, bad, ref_mod)))
-    other_mod = "image" if ref_mod == "text" and "image" in wanted else None
-    if other_mod is not None:
+    reasons: dict[int, str] = {}  # row of ref -> why it is left out
+    in_ref = [m for m in wanted if stores[wanted[m]] is ref]
+    ok, why = _usable(ref, in_ref)
+    reasons.update(why)
+    index = {m: np.arange(len(ref), dtype=np.int64) for m in in_ref}
+    others = [m for m in wanted if m not in index]
+    if others:
+        (other_mod,) = others
         other = stores[wanted[other_mod]]
-        rows = np.arange(len(other), dtype=np.int64) if other is ref else _join(ref, other)
+        other_ok, other_why = _usable(other, [other_mod])
+        rows = _join(ref, other, ok, other_ok)  # (N,) row of other per row of ref; -1 = none usable
         index[other_mod] = rows
-        bad = np.flatnonzero(other.status[rows] != OK)
-        for i, why in zip(bad.tolist(), _reasons(other, rows[bad], other_mod)):
-            reasons.setdefault(i, why)
-        ok &= other.status[rows] == OK
+        first = {}  # guid -> first row of other, for the reason a guid has no usable row
+        for i, g in enumerate(other.guid):
+            first.setdefault(g, i)
+        for i in np.flatnonzero(ok & (rows < 0)).tolist():
+            reasons[i] = other_why.get(first[ref.guid[i]], f"{other_mod} not usable")
+        ok = ok & (rows >= 0)
 
     keep = np.flatnonzero(ok)
+    if len(keep) == 0:
+        raise ValueError(
+            f"none of the {len(ref)} rows of {', '.join(str(s.path) for s in stores.values())} "
+            f"has usable features ({_common_reason(reasons)}); "
+            "see `fusebench cache info FILE` and extract again"
+        )
     modality = {
         m: Modality(
             name=m,
@@ -295,50 +315,137 @@ def load_feature_set(
         },
         all_guid=ref.guid,
         all_split=ref.split,
+        stale=stale,
     )
 
 
-def _join(ref: FeatureStore, other: FeatureStore) -> np.ndarray:
-    """(N,) rows of `other` for each row of `ref`, matched by guid; refuses any disagreement."""
+def _check_features_dir(features_dir: Path) -> None:
+    if features_dir.is_dir():
+        return
+    if features_dir.is_file():
+        raise FileNotFoundError(
+            f"--features {features_dir} is a file; pass the folder holding the caches "
+            f"(--features {features_dir.parent} --text/--image {features_dir.stem})"
+        )
+    raise FileNotFoundError(
+        f"features folder {features_dir} does not exist; create it with "
+        "`fusebench extract --encoder NAME --data DIR --out features` "
+        "and pass --features features/DATASET"
+    )
+
+
+def _freshness(store: FeatureStore, allow_stale: bool) -> list[str]:
+    """[] when the cache matches its dataset (or the dataset is out of reach); with
+    allow_stale, the changes found (noted), else StaleCacheError naming them."""
+    from cache import check_fresh, ensure_fresh
+
+    if not allow_stale:
+        ensure_fresh(store)
+        return []
+    lines = check_fresh(store)
+    if lines:
+        note(
+            f"--allow-stale: using {store.path} although its data changed since extraction: "
+            + few(lines, 3)
+        )
+    return lines
+
+
+def _check_labels(store: FeatureStore) -> None:
+    """A label outside -1..C-1 is damage (the classes attribute and the labels disagree)."""
+    bad = np.flatnonzero((store.label < -1) | (store.label >= len(store.classes)))
+    if bad.size:
+        i = int(bad[0])
+        raise FeatureMismatchError(
+            f"{store.path}: guid {store.guid[i]} has label {int(store.label[i])} but the cache "
+            f"has {len(store.classes)} classes ({', '.join(store.classes) or 'none'}), "
+            f"and {bad.size - 1} more such rows; the file is damaged — extract it again"
+        )
+
+
+def _usable(store: FeatureStore, modalities: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """(N,) bool: rows of `store` a head may read, and row -> reason for every other row.
+
+    Usable: status ok, a non-empty guid, finite loaded features of `modalities`, and no
+    other such row with the same guid (then neither is usable: which one is right?)."""
+    n = len(store)
+    reasons: dict[int, str] = {}
+    ok = store.status == OK
+    for i, why in zip(
+        np.flatnonzero(~ok).tolist(), _reasons(store, np.flatnonzero(~ok), modalities[0])
+    ):
+        reasons[i] = why
+    empty = np.array([not str(g).strip() for g in store.guid], dtype=bool)
+    for i in np.flatnonzero(ok & empty).tolist():
+        reasons[i] = f"empty guid in {store.path.name} (row {i})"
+    ok &= ~empty
+    for m in modalities:
+        finite = _finite_rows(getattr(store, m), n)
+        for i in np.flatnonzero(ok & ~finite).tolist():
+            reasons[i] = f"{m} features not finite (inf/NaN) in {store.path.name}"
+        ok &= finite
+    uniq, inverse, counts = np.unique(store.guid[ok], return_inverse=True, return_counts=True)
+    dup_rows = np.flatnonzero(ok)[counts[inverse] > 1]
+    for i in dup_rows.tolist():
+        reasons[i] = (
+            f"duplicate guid in {store.path.name} "
+            f"({int(counts[np.searchsorted(uniq, store.guid[i])])} usable rows share it)"
+        )
+    ok[dup_rows] = False
+    return ok, reasons
+
+
+def _finite_rows(feats: TokenFeatures, n: int, block: int = 1024) -> np.ndarray:
+    """(n,) bool: rows whose loaded features (main pooled vector, tokens) are all finite.
+    Tokens are checked in row blocks, so the check never holds a bool copy of them all."""
+    finite = np.isfinite(feats.pooled["pooled"]).all(axis=1)
+    if feats.tokens is not None:
+        for start in range(0, n, block):
+            chunk = feats.tokens[start : start + block]
+            finite[start : start + block] &= np.isfinite(chunk).reshape(len(chunk), -1).all(1)
+    return finite
+
+
+def _common_reason(reasons: dict[int, str]) -> str:
+    if not reasons:
+        return "no rows"
+    (reason, count), *_ = Counter(r.split(" (")[0] for r in reasons.values()).most_common(1)
+    return f"{count} x {reason}"
+
+
+def _join(
+    ref: FeatureStore, other: FeatureStore, ref_ok: np.ndarray, other_ok: np.ndarray
+) -> np.ndarray:
+    """(N,) the usable row of `other` for each row of `ref` with the same guid (-1 when it has
+    none). Refuses files that are not of one dataset: other classes, guids one file lacks,
+    or another split or label for a guid usable in both."""
     a, b = ref.path.name, other.path.name
     if list(ref.classes) != list(other.classes):
         raise FeatureMismatchError(
-            f"{a} and {b} disagree on classes ({ref.classes} vs {other.classes}); "
-            "extract both from the same dataset"
+            f"{a} and {b} disagree on classes ({', '.join(ref.classes)} vs "
+            f"{', '.join(other.classes)}); extract both from the same dataset"
         )
-    _check_unique(other)
-    pos = {g: i for i, g in enumerate(other.guid)}
-    for g in ref.guid:
-        if g not in pos:
+    mine, theirs = set(ref.guid.tolist()), set(other.guid.tolist())
+    for g, x, y in ((sorted(mine - theirs), a, b), (sorted(theirs - mine), b, a)):
+        if g:
+            more = f" (and {len(g) - 1} more)" if len(g) > 1 else ""
             raise FeatureMismatchError(
-                f"guid {g} is in {a} but not in {b}; extract both from the same dataset"
+                f"guid {g[0]} is in {x} but not in {y}{more}; extract both from the same dataset"
             )
-    if len(other) != len(ref):
-        known = set(ref.guid)
-        g = next(g for g in other.guid if g not in known)
-        raise FeatureMismatchError(
-            f"guid {g} is in {b} but not in {a}; extract both from the same dataset"
-        )
-    rows = np.fromiter((pos[g] for g in ref.guid), dtype=np.int64, count=len(ref))
+    pos = {other.guid[i]: i for i in np.flatnonzero(other_ok).tolist()}
+    rows = np.fromiter((pos.get(g, -1) for g in ref.guid), dtype=np.int64, count=len(ref))
+    both = np.flatnonzero(ref_ok & (rows >= 0))
     for what in ("split", "label"):
-        mine, theirs = getattr(ref, what), getattr(other, what)[rows]
-        diff = np.flatnonzero(mine != theirs)
+        left, right = getattr(ref, what)[both], getattr(other, what)[rows[both]]
+        diff = np.flatnonzero(left != right)
         if diff.size:
-            i = int(diff[0])
+            i = int(both[diff[0]])
             raise FeatureMismatchError(
                 f"{a} and {b} disagree on the {what} of guid {ref.guid[i]} "
-                f"({mine[i]} vs {theirs[i]}) and {diff.size - 1} more; "
+                f"({left[diff[0]]} vs {right[diff[0]]}) and {diff.size - 1} more; "
                 "extract both from the same dataset"
             )
     return rows
-
-
-def _check_unique(store: FeatureStore) -> None:
-    uniq, counts = np.unique(store.guid, return_counts=True)
-    if (counts > 1).any():
-        raise FeatureMismatchError(
-            f"{store.path} has duplicate guid {uniq[counts > 1][0]}; extract it again"
-        )
 
 
 def _reasons(store: FeatureStore, rows: np.ndarray, modality: str) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse.registry import check_params, register_head
+from fuse.registry import DROPOUT, POSITIVE_INT, check_params, register_head
 from fuse.trainer import InputDims, TorchClassifier, TrainConfig
 
 
@@ -45,10 +45,23 @@ class FusionHead(nn.Module):
     require = "all"  # every modality in `modalities` must be present
     tokens = False  # reads token arrays (not just pooled vectors)
     registry_name = ""
+    # the valid range of every numeric hyperparameter any head here takes (fuse.registry)
+    bounds = {
+        "hidden": POSITIVE_INT,
+        "dim": POSITIVE_INT,
+        "num_heads": POSITIVE_INT,
+        "layers": POSITIVE_INT,
+        "ffn_mult": POSITIVE_INT,
+        "dropout": DROPOUT,
+    }
 
     @classmethod
     def uses_tokens(cls, params: dict[str, Any]) -> bool:
         return cls.tokens
+
+    @classmethod
+    def check_config(cls, params: dict[str, Any]) -> None:
+        """Refuses combinations of (individually valid) hyperparameters; nothing by default."""
 
     @classmethod
     def from_config(
@@ -61,7 +74,13 @@ class FusionHead(nn.Module):
         class_weights: bool | None = None,
     ) -> TorchClassifier:
         params = dict(params)
-        train = dict(params.pop("train", None) or {})
+        train = params.pop("train", None) or {}
+        if not isinstance(train, dict):
+            raise ValueError(
+                f"head '{cls.registry_name}': train must be a mapping of training options "
+                f"(e.g. --set train.lr=3e-4), not {train!r}"
+            )
+        train = dict(train)
         for key, value in (
             ("epochs", epochs),
             ("device", device),
@@ -70,6 +89,7 @@ class FusionHead(nn.Module):
             if value is not None:
                 train[key] = value
         params = check_params(cls, params, cls.registry_name)
+        cls.check_config(params)
         return TorchClassifier(
             cls,
             params=params,
@@ -117,6 +137,14 @@ class CrossAttention(FusionHead):
     two pooled vectors are concatenated."""
 
     tokens = True
+
+    @classmethod
+    def check_config(cls, params: dict[str, Any]) -> None:
+        dim, num_heads = params.get("dim", 256), params.get("num_heads", 4)
+        if dim % num_heads:
+            raise ValueError(
+                f"head 'cross_attn': dim={dim} must be divisible by num_heads={num_heads}"
+            )
 
     def __init__(
         self,

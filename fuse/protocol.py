@@ -13,6 +13,7 @@ every model seed is scored on the same rows; model seeds only change the model.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,7 +73,17 @@ class StratifiedProtocol:
         rows = scorable_rows(fs)
         y = fs.label[rows]
         if len(rows) == 0:
-            raise ProtocolError("no labelled rows with split 'train' to fit and score on")
+            splits = ", ".join(f"{s} ({n})" for s, n in Counter(fs.split.tolist()).most_common())
+            raise ProtocolError(
+                "no usable labelled rows with split 'train' to fit and score on (usable rows "
+                f"by split: {splits or 'none'}); extract a dataset with labelled training rows"
+            )
+        present = np.unique(y)
+        if len(present) < 2:
+            raise ProtocolError(
+                f"every labelled training row has class '{fs.classes[present[0]]}'; a classifier "
+                "needs at least two classes — extract a dataset with more than one label"
+            )
         _check_counts(y, fs.classes, need=self.folds or 2, what=self.describe())
         try:
             return self._splits(rows, y, fs.classes)

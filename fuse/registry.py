@@ -5,6 +5,9 @@ Calling contract of a registered head class:
 * `modalities`: the inputs it reads ("text", "image"); `require`: "all" of them, or "any"
   (it uses whichever the FeatureSet has).
 * `uses_tokens(params) -> bool`: whether, with these hyperparameters, it reads token arrays.
+* `bounds` / `choices` (optional): key -> `Bound` / tuple of allowed values, checked by
+  `check_params` before anything is built, so a bad `--set` fails in one line naming the head,
+  the key and what is valid.
 * `from_config(params, *, seed, epochs, device, class_weights) -> estimator`, where the
   estimator has `fit(train, val, quiet=) -> self`, `predict_proba(rows) -> (n, C)`,
   `save(folder)`, `needs_tokens`, `get_config()`, and after fit `n_params_`, `train_time_`,
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +139,49 @@ def build_head(
     )
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The valid values of one numeric hyperparameter (None = no limit on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: low itself is not allowed
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN is in no range
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (
+            self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        )
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{self.low:g}, {self.high:g}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "any number"
+
+
+POSITIVE_INT = Bound(low=1)  # widths, layer and head counts, epochs, batch sizes
+NON_NEGATIVE = Bound(low=0)
+POSITIVE = Bound(low=0, low_open=True)  # learning rates, regularization strengths
+DROPOUT = Bound(low=0, high=1, high_open=True)
+SHARE = Bound(low=0, high=1, low_open=True)  # subsample shares: (0, 1]
+
+
 def check_params(
     cls: type, params: dict[str, Any], name: str, *, skip: tuple[str, ...] = ()
 ) -> dict[str, Any]:
     """params checked against the constructor's keyword-only arguments: an unknown name fails
-    listing the valid ones; a number written as YAML 1.1 does not parse it ("1e-3") becomes one."""
+    listing the valid ones; each value must have its default's type (a number written as
+    YAML 1.1 does not parse it, "1e-3", becomes one) and lie in `cls.bounds[key]`, or be one
+    of `cls.choices[key]`."""
     sig = inspect.signature(cls.__init__)
     valid = {
         p.name: p.default
@@ -151,7 +194,51 @@ def check_params(
             f"unknown hyperparameter '{unknown[0]}' for head '{name}' "
             f"(configs/heads/{name}.yaml or --set); valid: {', '.join(valid)}"
         )
-    return {k: coerce(v, valid[k], f"{name}.{k}") for k, v in params.items()}
+    bounds = getattr(cls, "bounds", {})
+    choices = getattr(cls, "choices", {})
+    return {
+        k: check_value(
+            v,
+            like=valid[k],
+            what=f"head '{name}': {k}",
+            bound=bounds.get(k),
+            choices=choices.get(k),
+        )
+        for k, v in params.items()
+    }
+
+
+def check_value(
+    value: Any,
+    *,
+    like: Any,
+    what: str,
+    bound: Bound | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """value checked (and coerced) against its default `like`: same kind (bool, integer,
+    number), within `bound`, or one of `choices`. A ValueError names `what` and what is valid."""
+    if choices is not None:
+        if value not in choices:
+            valid = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ValueError(f"{what} must be one of {valid}, not {value!r}")
+        return value
+    if isinstance(like, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{what} must be true or false, not {value!r}")
+        return value
+    if not isinstance(like, (int, float)):
+        return value
+    value = coerce(value, like, what)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, not {value!r}")
+    if isinstance(like, int) and not isinstance(value, int):
+        raise ValueError(f"{what} must be a whole number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    if bound is not None and value not in bound:
+        raise ValueError(f"{what}={value!r} is out of range; valid: {bound}")
+    return float(value) if isinstance(like, float) else value
 
 
 def coerce(value: Any, like: Any, what: str) -> Any:

@@ -22,8 +22,9 @@ from sklearn.metrics import f1_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from fuse._util import DamagedModelError
 from fuse.features import FeatureSet, check_inputs
-from fuse.registry import coerce
+from fuse.registry import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_value
 
 FORWARD_ARGS = (
     "text_tokens",
@@ -75,7 +76,12 @@ class TrainConfig:
     eval_batch_size: int = 256
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, head: str = "") -> TrainConfig:
+    def from_dict(cls, values: Any, *, head: str = "") -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"head '{head}': train must be a mapping of training options "
+                f"(e.g. --set train.lr=3e-4), not {values!r}"
+            )
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in valid]
         if unknown:
@@ -83,24 +89,56 @@ class TrainConfig:
                 f"unknown training option 'train.{unknown[0]}' for head '{head}'; valid: {', '.join(valid)}"
             )
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: coerce(v, defaults[k], f"train.{k}") for k, v in values.items()})
-        if cfg.monitor not in ("macro_f1", "loss"):
-            raise ValueError(f"train.monitor must be 'macro_f1' or 'loss', not {cfg.monitor!r}")
-        if cfg.epochs < 1 or cfg.batch_size < 1:
-            raise ValueError(f"train.epochs and train.batch_size must be >= 1 (head '{head}')")
-        return cfg
+        return cls(
+            **{
+                k: check_value(
+                    v,
+                    like=defaults[k],
+                    what=f"head '{head}': train.{k}",
+                    bound=TRAIN_BOUNDS.get(k),
+                    choices=TRAIN_CHOICES.get(k),
+                )
+                for k, v in values.items()
+            }
+        )
+
+
+TRAIN_BOUNDS = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT,
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "patience": NON_NEGATIVE,
+    "grad_clip": NON_NEGATIVE,
+}
+TRAIN_CHOICES = {"monitor": ("macro_f1", "loss")}
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when torch sees a GPU, else cpu; refuses cuda without a GPU."""
+    """'auto' -> cuda when torch sees a GPU, else cpu; refuses cuda without a GPU, or a GPU
+    index torch does not see."""
+    if not isinstance(device, str):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: torch sees no GPU here; use --device cpu or auto")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: torch sees no GPU here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of those"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: torch sees no Apple GPU here; use --device cpu")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    return dev
 
 
 _warm: set[str] = set()
@@ -414,21 +452,36 @@ class TorchClassifier:
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "auto") -> TorchClassifier:
+        """The head saved by save(); a missing or damaged file is a DamagedModelError."""
         from fuse.registry import get_head
 
         folder = Path(folder)
-        meta = json.loads((folder / "head.json").read_text())
-        module_cls = get_head(meta["head"])
-        train = TrainConfig.from_dict({**meta["train"], "device": device}, head=meta["head"])
-        self = cls(module_cls, params=meta["params"], train=train, seed=meta["seed"])
-        self.dims_ = InputDims(**meta["dims"])
-        self.classes_ = tuple(meta["classes"])
-        self.modalities_ = tuple(meta["modalities"])
-        self.device_ = resolve_device(device)
-        module = module_cls(self.dims_, len(self.classes_), **self.params)
-        module.load_state_dict(
-            torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        )
+        dev = resolve_device(device)  # a bad --device is the user's flag, not damage
+        try:
+            meta = json.loads((folder / "head.json").read_text())
+            module_cls = get_head(meta["head"])
+            train = TrainConfig.from_dict({**meta["train"], "device": device}, head=meta["head"])
+            self = cls(module_cls, params=meta["params"], train=train, seed=meta["seed"])
+            self.dims_ = InputDims(**meta["dims"])
+            self.classes_ = tuple(meta["classes"])
+            self.modalities_ = tuple(meta["modalities"])
+            module = module_cls(self.dims_, len(self.classes_), **self.params)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DamagedModelError(
+                f"{folder / 'head.json'} is damaged ({type(e).__name__}: {e}); rerun the "
+                "`fusebench fuse` or `compare` command that made the run"
+            ) from None
+        try:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
+            what = " ".join(str(e).split())[:160]
+            raise DamagedModelError(
+                f"{folder / 'state.pt'} cannot be loaded ({type(e).__name__}: {what}); it is "
+                "missing or damaged — rerun the `fusebench fuse` or `compare` command that "
+                "made the run"
+            ) from None
+        self.device_ = dev
         self.module_ = module.to(self.device_).eval()
         self.best_iteration_ = meta.get("best_iteration")
         self.n_params_ = meta.get("n_params")

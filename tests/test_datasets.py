@@ -248,12 +248,14 @@ def test_check_image_and_load_image(tmp_path: Path):
         ("naïve ☺".encode(), ("naïve ☺", "utf-8")),
         (b"\xef\xbb\xbfbom", ("bom", "utf-8")),
         (CP1252_TEXT, ("café “quoted”\r\n", "cp1252")),
-        (b"\x81\xe9", ("\x81é", "latin-1")),  # 0x81 is undefined in cp1252
+        (b"\x81\xe9", ("\x81é", "latin-1")),  # 0x81 is undefined in cp1252: last resort
         (b"", ("", "utf-8")),
+        ("utf-16 ☺".encode("utf-16"), ("utf-16 ☺", "utf-16")),  # its BOM says so
     ],
 )
 def test_decode_text(raw: bytes, expected: tuple[str, str]):
-    assert decode_text(raw) == expected
+    assert decode_text(raw, "cp1252") == expected
+    assert decode_text(raw)[1] in ("utf-8", "utf-16", "latin-1")  # no legacy: UTF or latin-1
 
 
 # --------------------------------------------------------------------------- manifest
@@ -281,11 +283,13 @@ def test_manifest_csv(manifest_dir: Path):
     dataset = load_dataset(manifest_dir)  # a folder holding one manifest.csv
 
     assert (dataset.name, dataset.format, dataset.root) == ("my-corpus", "manifest", manifest_dir)
+    # a manifest takes any label; not all sentiment words, so the classes are sorted
+    assert dataset.classes == ("negative", "positive", "sad")
     assert [(s.guid, s.split, s.label) for s in dataset.samples] == [
-        ("a", "val", 2),
+        ("a", "val", 1),
         ("b", "test", -1),  # no label -> test
         ("c", "train", 0),  # a label -> train
-        ("d", "train", -1),
+        ("d", "train", 2),
     ]
     a, b, c, d = dataset.samples
     assert (a.text, a.text_encoding) == ("hello, world", "utf-8")
@@ -293,7 +297,7 @@ def test_manifest_csv(manifest_dir: Path):
     assert a.image_path == manifest_dir / "images" / "a.jpg"  # relative to the manifest
     assert a.problems == [] and b.problems == []
     assert_problems(c, [("image", True, "images/missing.jpg not found")])
-    assert_problems(d, [(None, True, "unknown label 'sad'"), ("text", True, "empty")])
+    assert_problems(d, [("text", True, "empty")])
 
 
 def test_manifest_jsonl_with_text_paths(manifest_dir: Path):
@@ -307,8 +311,9 @@ def test_manifest_jsonl_with_text_paths(manifest_dir: Path):
     assert detect_format(file) == "manifest"
     dataset = load_dataset(file)
 
+    assert dataset.classes == ("neutral",)  # the only label the rows carry
     assert [(s.guid, s.split, s.label) for s in dataset.samples] == [
-        ("1", "train", 1),
+        ("1", "train", 0),
         ("2", "test", -1),
         ("1", "test", -1),
     ]
@@ -400,7 +405,8 @@ def test_mvsa_multiple_majority_then_merge(tmp_path: Path):
     )
     dataset = load_dataset(root, format="mvsa")
 
-    assert [(s.guid, s.label) for s in dataset.samples] == [("1", 2), ("4", 0), ("5", 2)]
+    assert dataset.classes == ("negative", "positive")  # no line merged to neutral
+    assert [(s.guid, s.label) for s in dataset.samples] == [("1", 1), ("4", 0), ("5", 1)]
     assert "6 lines MVSA-Multiple, 3 annotations each" in dataset.notes[0]
     assert dataset.notes[1].startswith("dropped 3 lines")
     assert "1 positive-vs-negative conflict (e.g. 3)" in dataset.notes[1]
@@ -453,7 +459,8 @@ def test_lab5_dev_real_data():
     assert counts == [364, 121, 715]
     assert all(s.label == -1 for s in dataset.samples[1200:])
     assert all(s.failed(["text", "image"]) == [] for s in dataset.samples)
-    encodings = {s.text_encoding for s in dataset.samples}
-    assert {"utf-8", "cp1252"} <= encodings
+    assert dataset.classes == LABELS
+    assert dataset.text_encoding == "gb18030"
+    assert {s.text_encoding for s in dataset.samples} == {"utf-8", "gb18030"}
     fallbacks = [s for s in dataset.samples if s.text_encoding != "utf-8"]
     assert fallbacks and all(any(not p.fatal for p in s.problems) for s in fallbacks)

@@ -491,8 +491,10 @@ def test_fuse_then_predict_writes_guid_tag_in_cache_order(tmp_path):
     rows = [line.split(",") for line in lines[1:]]
     test_guids = [g for g, s in zip(data["guid"], data["split"]) if s == "test"]
     assert [g for g, _ in rows] == test_guids  # every test row, in the cache's order
-    assert {t for _, t in rows} <= set(CLASSES)
-    assert data["guid"][failed_test] in r.stderr and "majority class" in r.stderr
+    tags = dict(rows)
+    assert tags[data["guid"][failed_test]] == ""  # marked: no features, no stand-in class
+    assert {t for g, t in rows if g != data["guid"][failed_test]} <= set(CLASSES)
+    assert data["guid"][failed_test] in r.stderr and "EMPTY tag" in r.stderr
     truth = {data["guid"][i]: CLASSES[data["truth"][i]] for i in range(len(data["guid"]))}
     hits = [t == truth[g] for g, t in rows if g != data["guid"][failed_test]]
     assert np.mean(hits) > 0.8  # the saved model is the trained one, not a fresh init
