@@ -16,13 +16,38 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every command
 )
 cache_app = typer.Typer(help="Inspect and check feature caches.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (for scripts).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=(
+    "No progress at all (for scripts). Without it: a progress bar on a terminal; when stderr "
+    "goes to a file, one plain line per finished stage or fit instead."
+))]
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"fusebench {version('fusebench')}")
+    except PackageNotFoundError:  # a clone run directly, never installed
+        typer.echo("fusebench (not installed: pip install . to get the `fusebench` command)")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.",
+    )] = False,
+) -> None:
+    pass
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -36,7 +61,7 @@ def fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Option(help="Dataset folder (lab5 / mvsa) or manifest .csv/.jsonl.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet.")],
     encoder: Annotated[str, typer.Option(help="vit | bert | clip | minilm | hf:<id-or-path>")] = "minilm",
     out: Annotated[Path, typer.Option(help="Features root; writes OUT/<dataset>/<encoder>.h5.")] = Path("features"),
     model: Annotated[str | None, typer.Option(help="Weights: hub id or a local save_pretrained folder.")] = None,
@@ -52,11 +77,12 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Replace a cache built from other data or settings.")] = False,
     text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).")] = None,
     labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry).")] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
     from cache import CacheError
-    from extract.datasets import split_labels
+    from extract.datasets import parse_columns, split_labels
     from extract.loop import ExtractError
     from extract.loop import extract as run_extract
 
@@ -67,7 +93,7 @@ def extract(
             data, encoder, out=out, model=model, layer=layer, random_init=random_init,
             data_format=data_format, batch_size=batch_size, device=device, precision=precision, limit=limit,
             on_error=on_error, num_workers=workers, overwrite=overwrite, quiet=quiet,
-            text_encoding=text_encoding, labels=split_labels(labels),
+            text_encoding=text_encoding, labels=split_labels(labels), columns=parse_columns(column),
         )
     except (ExtractError, CacheError) as e:
         fail(" ".join(str(e).split()))
@@ -158,26 +184,33 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    data: Annotated[Path, typer.Option(help="Dataset folder or manifest file.")],
+    data: Annotated[Path, typer.Option(help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet.")],
     data_format: Annotated[str | None, typer.Option("--format", help="lab5 | mvsa | manifest")] = None,
     text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected).")] = None,
     labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated (default: the labels the rows carry).")] = None,
+    column: Annotated[list[str] | None, typer.Option("--column", help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).")] = None,
 ) -> None:
     """Report every problem in a dataset, sample by sample (decodes every image): its
     classes, text encodings, and each bad sample by guid."""
-    from extract.datasets import check_report, load_dataset, split_labels
+    from extract.datasets import check_report, load_dataset, parse_columns, split_labels
 
     try:
         ds = load_dataset(data, data_format, check_images=True, text_encoding=text_encoding,
-                          labels=split_labels(labels))
+                          labels=split_labels(labels), columns=parse_columns(column))
     except (ValueError, FileNotFoundError) as e:
         fail(" ".join(str(e).split()), code=2)
     typer.echo(check_report(ds))
 
 # ---------------------------------------------------------------- stage two (fuse/)
 
-HEAD_CONFIGS = Path(__file__).resolve().parent / "configs" / "heads"
-HEAD_NAMES = ", ".join(sorted(p.stem for p in HEAD_CONFIGS.glob("*.yaml")))  # no torch import for --help
+def _head_names() -> str:
+    """The bundled heads' names for --help, from their YAML files (no torch import)."""
+    from configs import bundled_path, config_names
+
+    return ", ".join(config_names(bundled_path("heads"))) or "none found: reinstall fusebench"
+
+
+HEAD_NAMES = _head_names()
 
 Features = Annotated[Path, typer.Option(help="Cache folder features/DATASET, holding <encoder>.h5 files.")]
 TextEnc = Annotated[str, typer.Option("--text", help="Encoder whose text features to use; 'none' for image only.")]

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from cache.format import FAILED, OK, TODO, CacheError
-from cache.reader import decode_attr, is_true, missing_parts, open_h5, read_header
+from cache.reader import decode_attr, is_true, missing_parts, read_header, reading
 from cache.writer import temp_path
 
 
@@ -29,7 +29,7 @@ def describe(path: str | Path, *, max_errors: int = 20) -> str:
         inside = sorted(p.name for p in path.glob("*.h5"))
         hint = f" (it holds {', '.join(inside)})" if inside else ""
         raise CacheError(f"{path} is a folder, not a cache file; pass one .h5 file{hint}")
-    with open_h5(path) as f:
+    with reading(path) as f:
         problems: list[str] = []
         try:
             a, config, _ = read_header(f, path)
@@ -91,7 +91,7 @@ def _integrity(f: h5py.File) -> str:
     f.visititems(
         lambda n, o: (
             chunked.append(o.fletcher32)
-            if isinstance(o, h5py.Dataset) and o.dtype.kind != "O"
+            if isinstance(o, h5py.Dataset) and o.dtype.kind not in "OS"
             else None
         )
     )
@@ -115,7 +115,7 @@ def _read(f: h5py.File, name: str, problems: list[str]) -> np.ndarray | None:
         return None
     try:
         ds = f[name]
-        return ds.asstr()[()] if ds.dtype.kind == "O" else ds[()]
+        return ds.asstr()[()] if ds.dtype.kind in "OS" else ds[()]
     except OSError as e:
         problems.append(f"`{name}` cannot be read (damaged: {' '.join(str(e).split())[:120]})")
         return None

@@ -95,8 +95,8 @@ def dataset_digest(ds: h5py.Dataset, path: Path) -> str:
     """`digest` of a stored dataset, read in chunk-aligned blocks (never all of it at once)."""
     name = ds.name.lstrip("/")
     try:
-        if ds.dtype.kind == "O" or ds.shape == ():
-            return digest(np.asarray(ds.asstr()[()] if ds.dtype.kind == "O" else ds[()]))
+        if ds.dtype.kind in "OS" or ds.shape == ():
+            return digest(np.asarray(ds.asstr()[()] if ds.dtype.kind in "OS" else ds[()]))
         h = hashlib.sha256()
         step = _block_rows(ds)
         buf = np.empty((step, *ds.shape[1:]), dtype=ds.dtype)
@@ -109,6 +109,26 @@ def dataset_digest(ds: h5py.Dataset, path: Path) -> str:
         return h.hexdigest()
     except OSError as e:
         raise damaged(path, name, e) from None
+
+
+ATTRS = "@attrs"  # the digests entry covering every attribute (classes, pooling, config, ...)
+
+
+def attrs_digest(f: h5py.File) -> str:
+    """sha256 of every attribute in the file (root, groups, datasets), but the two that change
+    after it is computed: `digests` and `complete` (checked on its own)."""
+    found: dict[str, dict] = {"/": _attrs(f, skip=("digests", "complete"))}
+    f.visititems(lambda name, obj: found.__setitem__(name, _attrs(obj)) if obj.attrs else None)
+    return hashlib.sha256(json.dumps(found, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _attrs(obj, skip: tuple[str, ...] = ()) -> dict:
+    out = {}
+    for k, v in obj.attrs.items():
+        if k not in skip:
+            v = v.tolist() if isinstance(v, np.ndarray | np.generic) else v
+            out[k] = [_str(x) for x in v] if isinstance(v, list) else _str(v)
+    return out
 
 
 def stored_digests(f: h5py.File, path: Path) -> dict[str, str] | None:
@@ -164,7 +184,7 @@ def read_dataset(ds: h5py.Dataset, path: Path) -> np.ndarray:
     the file and the dataset when one fails."""
     name = ds.name.lstrip("/")
     try:
-        if ds.dtype.kind == "O":
+        if ds.dtype.kind in "OS":
             return np.asarray(ds.asstr()[()])
         fast = _read_chunks_raw(ds, path)
         if fast is not None:
@@ -229,10 +249,17 @@ def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
             return index  # short read: let HDF5 read these
         return [i for i in index if check(base + i * chunk_bytes, chunk_bytes) != tails[i]]
 
-    fd = os.open(ds.file.filename, os.O_RDONLY)
+    try:  # the very file HDF5 has open (a path could name a newer file by now)
+        fd = os.dup(ds.file.id.get_vfd_handle())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
     try:
-        with ThreadPoolExecutor(max_workers=_threads()) as pool:
-            bad = [i for found in pool.map(load, _runs(chunks, chunk_bytes)) for i in found]
+        runs = _runs(chunks, chunk_bytes)
+        if len(flat) < RUN_BYTES:  # small: threads would cost more than they save
+            bad = [i for run in runs for i in load(run)]
+        else:
+            with ThreadPoolExecutor(max_workers=_threads()) as pool:
+                bad = [i for found in pool.map(load, runs) for i in found]
     finally:
         os.close(fd)
     out = flat[: ds.shape[0] * row_bytes].view(ds.dtype).reshape(ds.shape)
@@ -317,6 +344,10 @@ def verify_digests(f: h5py.File, path: Path) -> tuple[int, list[str]]:
         return 0, []
     bad = []
     for name, want in digests.items():
+        if name == ATTRS:
+            if attrs_digest(f) != want:
+                bad.append("attributes (differ from their digest)")
+            continue
         ds = f.get(name)
         if not isinstance(ds, h5py.Dataset):
             bad.append(f"{name} (missing)")

@@ -7,8 +7,9 @@ in cache/integrity.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,15 @@ from cache.format import (
     describe_differences,
     fingerprint,
 )
-from cache.integrity import check_digest, damaged, fix_line, read_dataset, stored_digests
+from cache.integrity import (
+    ATTRS,
+    attrs_digest,
+    check_digest,
+    damaged,
+    fix_line,
+    read_dataset,
+    stored_digests,
+)
 from cache.writer import temp_path
 
 REQUIRED = ("guid", "split", "label", "status", "manifest")  # datasets every cache has
@@ -79,16 +88,22 @@ class FeatureStore:
         look like now) to refuse a cache that was built from something else."""
         path = Path(path)
         check_openable(path)
-        with open_h5(path) as f:
+        with reading(path) as f:
             attrs, stored_config, stored_manifest = read_header(f, path)
             check_fingerprint(path, attrs, stored_config, stored_manifest, config, manifest)
             digests = stored_digests(f, path)
+            if digests is not None and ATTRS in digests and digests[ATTRS] != attrs_digest(f):
+                raise DamagedCacheError(
+                    f"{path} is damaged: its attributes (classes, pooling, settings) differ from "
+                    f"the digest stored when it was written; {fix_line(path)}"
+                )
 
             def small(name: str) -> np.ndarray:
                 a = read_dataset(f[name], path)
                 check_digest(path, name, a, digests)
                 return a
 
+            small("manifest")  # parsed by read_header; its bytes are checked here
             guid, split, label, status = (small(k) for k in ("guid", "split", "label", "status"))
             check_rows(path, stored_manifest, guid, split, label, status)
             errors = []
@@ -135,6 +150,27 @@ def open_h5(path: Path) -> h5py.File:
         raise CacheError(_unopenable(path, e)) from None
 
 
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[h5py.File]:
+    """open_h5 for a `with` block in which any h5py error (a damaged object header, a chunk
+    whose checksum fails) becomes one DamagedCacheError line naming the file."""
+    f = open_h5(path)
+    try:
+        yield f
+    except CacheError:
+        raise
+    except (OSError, RuntimeError, KeyError) as e:
+        text = " ".join(str(e).strip("'\"").split())
+        if isinstance(e, KeyError) and "Unable to" not in text:
+            raise  # a lookup bug, not damage
+        raise DamagedCacheError(
+            f"{path} is damaged: HDF5 cannot read part of it ({text}); {fix_line(path)}"
+        ) from None
+    finally:
+        with contextlib.suppress(Exception):
+            f.close()
+
+
 def _unopenable(path: Path, e: OSError) -> str:
     text = " ".join(str(e).split())
     if "signature" in text:
@@ -144,7 +180,12 @@ def _unopenable(path: Path, e: OSError) -> str:
     if "lock" in text:
         return f"{path} is open for writing by another process; rerun once it has finished"
     if "already open for write" in text:
-        return f"{path} was left open for writing by a process that stopped; {fix_line(path)}"
+        return (
+            f"{path} is marked open for writing (by a running process, or one that stopped "
+            f"mid-write); wait for it to finish, or {fix_line(path)}"
+        )
+    if "checksum" in text or "object header" in text:
+        return f"{path} is damaged: HDF5 cannot read its metadata ({text}); {fix_line(path)}"
     if "ermission" in text or getattr(e, "errno", None) == 13:
         return f"{path} cannot be read (permission denied); fix its permissions"
     return f"{path} is not a readable HDF5 file ({text}); {fix_line(path)}"
@@ -197,7 +238,7 @@ def check_openable(path: Path) -> None:
         inside = sorted(p.name for p in path.glob("*.h5"))
         hint = f" (it holds {', '.join(inside)})" if inside else ""
         raise CacheError(f"{path} is a folder, not a cache file; pass one .h5 file{hint}")
-    with open_h5(path) as f:
+    with reading(path) as f:
         version = f.attrs.get("fusebench_format")
         if version is None:
             raise CacheError(f"{path} is not a fusebench cache (no fusebench_format attribute)")
@@ -248,7 +289,7 @@ def missing_parts(f: h5py.File) -> list[str]:
     except ValueError:
         recorded = {}  # stored_digests() reports it
     if isinstance(recorded, dict):
-        missing += [n for n in recorded if n not in f and n not in missing]
+        missing += [n for n in recorded if n not in f and n not in missing and n != ATTRS]
     return missing
 
 

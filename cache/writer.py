@@ -30,7 +30,7 @@ from cache.format import (
     fingerprint,
     write_error,
 )
-from cache.integrity import create_dataset, dataset_digest
+from cache.integrity import ATTRS, attrs_digest, create_dataset, dataset_digest
 
 STR = h5py.string_dtype("utf-8")
 # HDF5 1.10 file format: checksummed metadata (superblock, object headers), so damage there is
@@ -188,6 +188,7 @@ class CacheWriter:
                     else None
                 )
             )
+            digests[ATTRS] = attrs_digest(f)
             f.attrs["digests"] = canonical_json(digests)
             f.attrs["complete"] = True
             f.close()

@@ -1,4 +1,5 @@
-"""Dataset readers for stage one: lab5, MVSA-Single/Multiple and CSV/JSONL manifests.
+"""Dataset readers for stage one: lab5, MVSA-Single/Multiple, and manifests (CSV, JSONL,
+Parquet, or a Hugging Face `datasets` folder written by `save_to_disk`).
 
 Every reader returns a `Dataset` whose `samples` hold every row of the index files, in
 file order, with its problems attached: nothing is dropped silently (DESIGN §3, §10). The
@@ -31,6 +32,17 @@ The rules every reader shares:
     `Sample.index_line` numbers lines as the csv module does (at \n, \r\n or \r).
   - Images load as `transformers.image_utils.load_image` and the processors' `convert_to_rgb`
     do, see `to_rgb`.
+  - Manifests: one row per sample with columns guid, text and/or text_path, image_path or
+    image, label, split (`columns=` / CLI `--column KEY=NAME` maps other names; see
+    `COLUMN_KEYS`). A manifest without a text column (or without an image column) is an
+    image-only (text-only) dataset: `Dataset.modalities` says which it has. Without a split
+    column a labelled row is "train", an unlabelled one "test"; an HF DatasetDict's split
+    names are the split column unless it has one. An image is a path relative to the
+    manifest's folder, or bytes embedded in a Parquet / Arrow column (binary, or the
+    {bytes, path} struct of an HF Image feature); `image_sha` hashes the file or the bytes.
+    Embedded bytes are never kept: `Sample.image_ref` says where to re-read them and
+    `open_sample_image` does (one Parquet row group per process at most). Parquet needs
+    pyarrow, HF folders `datasets`: optional extras, imported only when such data is read.
 
 Problem reasons are one line: what is wrong, then "; " and the fix.
 """
@@ -41,20 +53,37 @@ import codecs
 import csv
 import errno
 import hashlib
+import importlib
 import io
 import json
 import math
+import os
 import re
+from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")  # lab5 / MVSA label words
 FORMATS: tuple[str, ...] = ("lab5", "mvsa", "manifest")
+# What a manifest's columns can hold; `--column KEY=NAME` maps a column of another name.
+# "image" and "image_path" both name the one image column (a path, or embedded bytes).
+COLUMN_KEYS: tuple[str, ...] = (
+    "guid",
+    "text",
+    "text_path",
+    "image",
+    "image_path",
+    "label",
+    "split",
+)
+MANIFEST_FILES: tuple[str, ...] = ("manifest.csv", "manifest.jsonl", "manifest.parquet")
+HF_MARKERS: tuple[str, ...] = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 # Candidates for a dataset's legacy text encoding, in order of preference (ties keep it).
 # The East Asian multi-byte codecs come first: many byte strings are invalid in them, so
@@ -92,6 +121,22 @@ class Problem:
     fatal: bool = True  # False for notes that do not stop the sample (e.g. fallback decode)
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an embedded image's bytes live, to re-read them when needed (`read_image_bytes`)
+    instead of holding every image of a big dataset in memory."""
+
+    kind: str  # "parquet" | "hf"
+    file: Path  # the .parquet file, or the HF datasets folder
+    row: int  # 0-based row in that file (Parquet) or in its split (HF)
+    column: str
+    split: str | None = None  # the split of an HF DatasetDict
+
+    def __str__(self) -> str:  # "in row 3 (0-based) of manifest.parquet (column img)"
+        where = f"split {self.split!r} of {self.file.name}" if self.split else self.file.name
+        return f"in row {self.row} (0-based) of {where} (column {self.column})"
+
+
 @dataclass
 class Sample:
     guid: str
@@ -105,6 +150,12 @@ class Sample:
     problems: list[Problem] = field(default_factory=list)
     text_path: Path | None = None  # the text file read; None for inline text or none read
     index_line: tuple[Path, int] | None = None  # index file and 1-based line ending the row
+    image_ref: ImageRef | None = None  # embedded image bytes (Parquet / HF); image_path is None
+    row_files: tuple[Path, ...] = ()  # Parquet / Arrow file(s) holding the row (no index_line)
+
+    def source_files(self) -> list[Path]:
+        """The files this sample was read from, for the cache's record of its sources."""
+        return [p for p in (self.text_path, self.image_path, *self.row_files) if p is not None]
 
     def failed(self, modalities: Iterable[str]) -> list[Problem]:
         """Fatal problems that stop this sample for an encoder reading `modalities`."""
@@ -123,6 +174,10 @@ class Dataset:
     samples: list[Sample]  # dataset order (lab5: train.txt rows, then test_without_label.txt)
     notes: list[str] = field(default_factory=list)  # dataset-level remarks
     text_encoding: str | None = None  # legacy encoding of the non-UTF-8 texts; None: all UTF-8
+    modalities: tuple[str, ...] = ("text", "image")  # a manifest may lack either
+    columns: dict[str, str] = field(default_factory=dict)  # manifest: key -> column read
+    column_map: dict[str, str] = field(default_factory=dict)  # `columns=` as given (--column)
+    source: str = ""  # what was read, e.g. "Parquet file manifest.parquet"
 
     def manifest(self) -> list[dict]:
         """JSON-able identity of every sample, in order: the input to the cache fingerprint."""
@@ -139,6 +194,11 @@ class Dataset:
 
     def problems(self) -> list[Problem]:
         return [p for s in self.samples for p in s.problems]
+
+    def labelled_outside_train(self) -> dict[str, int]:
+        """Labelled rows per split other than "train": stage two fits and scores on the
+        labelled "train" rows only, so these are not used for either."""
+        return dict(Counter(s.split for s in self.samples if s.label >= 0 and s.split != "train"))
 
 
 # --------------------------------------------------------------------------- text
@@ -311,7 +371,8 @@ def _check_image_bytes(shown: str, data: bytes, *, decode: bool) -> str | None:
 
 
 def _decode_failure(shown: str, err: Exception) -> str:
-    message = " ".join(str(err).split()) or type(err).__name__
+    message = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))  # no address
+    message = " ".join(message.split()) or type(err).__name__
     what = "is truncated" if "truncated" in message else "cannot be decoded"
     return f"image {shown} {what} (PIL: {_clip(message, 120)}); re-export or remove the sample"
 
@@ -371,6 +432,121 @@ def load_image(path: Path) -> Image.Image:
     return _decode_image(_shown(path), data)
 
 
+def open_sample_image(sample: Sample) -> Image.Image:
+    """A sample's image, file or embedded bytes, decoded as `load_image` does; ValueError
+    (one-line reason) if that fails. What the extraction loop and `cache verify` both use."""
+    ref = sample.image_ref
+    if ref is None:
+        if sample.image_path is None:
+            raise ValueError(f"sample {sample.guid} has no image; add one or remove the sample")
+        return load_image(sample.image_path)
+    data = read_image_bytes(ref)
+    reason = _check_image_bytes(str(ref), data, decode=False)
+    if reason is not None:
+        raise ValueError(reason)
+    return _decode_image(str(ref), data)
+
+
+def read_image_bytes(ref: ImageRef) -> bytes:
+    """The embedded image bytes `ref` points at, re-read from its Parquet / Arrow file."""
+    try:
+        value = _embedded().value(ref)
+    except Exception as err:  # pyarrow / datasets raise many types when a file changed
+        raise ValueError(
+            f"image {ref} cannot be read again ({_clip(' '.join(str(err).split()), 120)}); "
+            "the file changed since the dataset was read: rerun the command"
+        ) from err
+    if isinstance(value, dict):  # HF Image struct {bytes, path}
+        value = value.get("bytes")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(
+            f"image {ref} holds no bytes any more; the file changed since the dataset was "
+            "read: rerun the command"
+        )
+    return bytes(value)
+
+
+class _EmbeddedReader:
+    """One per process (a forked DataLoader worker opens its own): the Parquet files and HF
+    splits opened so far, and per (file, column) the last Parquet row group read — the most
+    image bytes a process holds. Batches come in row order, so each group is read about once."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.parquet: dict[Path, tuple[Any, list[int]]] = {}  # file -> (ParquetFile, group starts)
+        self.groups: dict[tuple[Path, str], tuple[int, Any]] = {}  # -> (group, column array)
+        self.hf: dict[tuple[Path, str | None, str], Any] = {}  # -> that column of the split
+
+    def value(self, ref: ImageRef) -> Any:
+        if ref.kind == "hf":
+            key = (ref.file, ref.split, ref.column)
+            if key not in self.hf:
+                loaded = _load_hf(ref.file)
+                split = loaded if ref.split is None else loaded[ref.split]
+                self.hf[key] = split.select_columns([ref.column]).with_format("arrow")
+            return self.hf[key][ref.row].column(0)[0].as_py()
+        if ref.file not in self.parquet:
+            pf = _open_parquet(ref.file)
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+            self.parquet[ref.file] = pf, [sum(sizes[:g]) for g in range(len(sizes))]
+        pf, starts = self.parquet[ref.file]
+        group = bisect_right(starts, ref.row) - 1
+        cached = self.groups.get((ref.file, ref.column))
+        if cached is None or cached[0] != group:
+            self.groups.pop((ref.file, ref.column), None)
+            while len(self.groups) >= 2:  # other files' groups: let them go
+                del self.groups[next(iter(self.groups))]
+            column = pf.read_row_group(group, columns=[ref.column]).column(0)
+            cached = self.groups[(ref.file, ref.column)] = group, column
+        return cached[1][ref.row - starts[group]].as_py()
+
+
+_READER: _EmbeddedReader | None = None
+
+
+def _embedded() -> _EmbeddedReader:
+    global _READER
+    if _READER is None or _READER.pid != os.getpid():  # never share open files across a fork
+        _READER = _EmbeddedReader()
+    return _READER
+
+
+def _optional(module: str, extra: str, what: str) -> Any:
+    """Import an optional extra's module, or fail in one line naming the pip install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ValueError(
+            f"reading {what} needs {package}, which is not installed; "
+            f"pip install 'fusebench[{extra}]'"
+        ) from None
+
+
+def _open_parquet(file: Path) -> Any:
+    pq = _optional("pyarrow.parquet", "parquet", f"the Parquet file {file.name}")
+    try:
+        return pq.ParquetFile(file)
+    except Exception as err:  # ArrowInvalid, OSError, ...
+        raise ValueError(
+            f"{file} is not a readable Parquet file ({_clip(' '.join(str(err).split()), 120)}); "
+            "re-export it (e.g. DataFrame.to_parquet or pyarrow.parquet.write_table)"
+        ) from None
+
+
+def _load_hf(folder: Path) -> Any:
+    """`datasets.load_from_disk(folder)`: a Dataset or a DatasetDict, memory-mapped."""
+    datasets = _optional("datasets", "hf", f"the HF datasets folder {folder.name}")
+    try:
+        return datasets.load_from_disk(str(folder))
+    except Exception as err:
+        raise ValueError(
+            f"cannot read {folder} as an HF datasets folder "
+            f"({_clip(' '.join(str(err).split()), 120)}); write it with "
+            "Dataset.save_to_disk or DatasetDict.save_to_disk"
+        ) from None
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -393,6 +569,7 @@ class _Labels:
         self._given_keys = {_label_key(g) for g in self.given or ()}
         self.vocabulary = vocabulary
         self.spellings: dict[str, list[str]] = {}  # key -> spellings seen, first first
+        self.order: tuple[str, ...] | None = None  # an HF ClassLabel's names: the class order
 
     def parse(self, tag: object, *, required: bool) -> tuple[str | None, str | None]:
         """(class key, or None when unlabelled; the reason when the tag is not a valid label).
@@ -423,6 +600,10 @@ class _Labels:
         if self.given is not None:
             return self.given
         keys = list(self.spellings)
+        if self.order is not None:  # the dataset's own ClassLabel order, absent names left out
+            ordered = [n for n in self.order if _label_key(n) in self.spellings]
+            known = {_label_key(n) for n in ordered}
+            return (*ordered, *(self.spellings[k][0] for k in sorted(keys) if k not in known))
         if set(keys) <= set(LABELS):
             return tuple(w for w in LABELS if w in self.spellings)
         if all(re.fullmatch(r"[+-]?\d+", k) for k in keys):
@@ -508,7 +689,7 @@ class _Builder:
         self._texts: list[_PendingText] = []
         self._first_seen: dict[str, str] = {}  # guid -> "row R of FILE"
 
-    def new(self, guid: str, split: str, where: str, index_line: tuple[Path, int]) -> Sample:
+    def new(self, guid: str, split: str, where: str, index_line: tuple[Path, int] | None) -> Sample:
         sample = Sample(guid, split, -1, index_line=index_line)
         if not guid:
             sample.problems.append(
@@ -561,6 +742,18 @@ class _Builder:
             return
         sample.image_path, sample.image_sha = path, _sha256(data)
         reason = _check_image_bytes(_shown(path), data, decode=self.check_images)
+        if reason is not None:
+            sample.problems.append(Problem(sample.guid, "image", reason))
+
+    def text_bytes(self, sample: Sample, raw: bytes, where: str) -> None:
+        """Text stored as bytes in a Parquet / Arrow cell: decoded like a text file."""
+        sample.text_sha = _sha256(raw)
+        self._texts.append(_PendingText(sample, raw, f"text in {where}", len(sample.problems)))
+
+    def image_bytes(self, sample: Sample, data: bytes, ref: ImageRef) -> None:
+        """Image bytes embedded in the manifest: hashed and checked now, re-read when needed."""
+        sample.image_ref, sample.image_sha = ref, _sha256(data)
+        reason = _check_image_bytes(str(ref), data, decode=self.check_images)
         if reason is not None:
             sample.problems.append(Problem(sample.guid, "image", reason))
 
@@ -873,7 +1066,80 @@ def _mvsa_notes(annotators: Counter[int], dropped: dict[str, list[str]]) -> list
 
 # --------------------------------------------------------------------------- manifest
 
-_MANIFEST_NEEDS = [("guid",), ("text", "text_path"), ("image_path",)]
+_NEED = "guid, text or text_path and/or image or image_path"
+_DEFAULT_ORDER = ("guid", "text", "text_path", "image_path", "image", "label", "split")
+_MODALITY_KEYS = (("text", ("text", "text_path")), ("image", ("image",)))
+_BIG_ROW_GROUP = 256 << 20  # bytes: above this a note says how much a loading worker holds
+
+
+def parse_columns(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    """`--column text=caption --column label=y` -> {"text": "caption", "label": "y"}."""
+    if not pairs:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, name = (part.strip() for part in pair.partition("="))
+        if not sep or not key or not name:
+            raise ValueError(f"--column wants KEY=NAME, e.g. --column text=caption (got {pair!r})")
+        if out.get(key, name) != name:
+            raise ValueError(f"--column {key} is given twice ({out[key]}, {name}); give it once")
+        out[key] = name
+    return check_columns(out)
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    """A column mapping (key -> column name), checked: known keys, one image column."""
+    columns = dict(columns or {})
+    for key, name in columns.items():
+        if key not in COLUMN_KEYS:
+            raise ValueError(f"unknown --column key {key!r}; use one of {', '.join(COLUMN_KEYS)}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"--column {key} needs a column name, e.g. --column {key}=NAME")
+    if "image" in columns and "image_path" in columns:
+        raise ValueError(
+            "--column image and --column image_path both name the image column; give one"
+        )
+    return {key: columns[key] for key in COLUMN_KEYS if key in columns}
+
+
+def _check_mapped(name: str, found: Sequence[str], given: dict[str, str]) -> None:
+    for key, column in given.items():
+        if column not in found:
+            raise ValueError(
+                f"--column {key}={column}: {name} has no column {column!r}; found "
+                f"{', '.join(c for c in found if c) or 'none'}"
+            )
+
+
+def _resolve_columns(name: str, found: Sequence[str], given: dict[str, str]) -> dict[str, str]:
+    """key -> the column it is read from, for the keys this manifest has: `given` first, then
+    the columns named as the keys (a column mapped to one key is read for no other). The image
+    column is under "image" whether it is image_path (preferred) or image."""
+    found = [c for c in found if c]
+    resolved = {("image" if k == "image_path" else k): c for k, c in given.items() if c in found}
+    taken = set(given.values())
+    for key in _DEFAULT_ORDER:
+        slot = "image" if key == "image_path" else key
+        if slot not in resolved and key in found and key not in taken:
+            resolved[slot] = key
+    missing = [] if "guid" in resolved else ["guid"]
+    if not {"text", "text_path", "image"} & set(resolved):
+        missing.append("text or text_path and/or image or image_path")
+    if missing:
+        raise ValueError(
+            f"{name} lacks column(s) {', '.join(missing)}; found {', '.join(found) or 'none'}, "
+            f"need {_NEED}; name yours with --column KEY=NAME (e.g. --column guid=id)"
+        )
+    return {key: resolved[key] for key in ("guid", *COLUMN_KEYS[1:]) if key in resolved}
+
+
+def _column_notes(found: Sequence[str], given: dict[str, str]) -> list[str]:
+    if "image_path" in found and "image" in found and not {"image", "image_path"} & set(given):
+        return [
+            "columns image_path and image both exist: images are read from image_path; "
+            "pass --column image=image to read the other"
+        ]
+    return []
 
 
 def _manifest_records(
@@ -881,7 +1147,7 @@ def _manifest_records(
 ) -> tuple[list[str], list[tuple[int, dict, int | None]]]:
     """The column names and [(line ending the record, record, CSV cell count or None)]."""
     if file.suffix.lower() == ".csv":
-        return _csv_rows(file, text, _MANIFEST_NEEDS, lower=False)
+        return _csv_rows(file, text, [], lower=False)
     records, columns = [], {}
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
@@ -898,7 +1164,6 @@ def _manifest_records(
             )
         records.append((number, record, None))
         columns.update(dict.fromkeys(record))
-    _require_columns(file, columns, _MANIFEST_NEEDS)
     return list(columns), records
 
 
@@ -906,47 +1171,310 @@ def _cell(record: dict, column: str) -> str:
     return _label_text(record.get(column)).strip()
 
 
-def _read_manifest(file: Path, builder: _Builder) -> Dataset:
+def _read_manifest(file: Path, builder: _Builder, given: dict[str, str]) -> Dataset:
+    """A CSV or JSONL manifest."""
     root = file.parent
     text, encoding, notes = _decode_index(file, builder)
     if encoding not in _UNICODE:
         builder.legacy = encoding  # the dataset's one legacy encoding, for its text files too
-    columns, records = _manifest_records(file, text)
-    row_word = "row" if file.suffix.lower() == ".csv" else "line"
+    found, records = _manifest_records(file, text)
+    _check_mapped(file.name, found, given)
+    columns = _resolve_columns(file.name, found, given)
+    csv_file = file.suffix.lower() == ".csv"
     for number, record, cells in records:
-        guid = _cell(record, "guid")
-        where = f"{row_word} {number} of {file.name}"
-        sample = builder.new(guid, "", where, (file, number))
-        if cells is not None and cells != len(columns):  # cells misplaced: use none
-            sample.split = _cell(record, "split") or ("train" if _cell(record, "label") else "test")
-            sample.problems.append(Problem(guid, None, _cell_count_problem(where, cells, columns)))
+        row = {key: record.get(column) for key, column in columns.items()}
+        where = f"{'row' if csv_file else 'line'} {number} of {file.name}"
+        sample = builder.new(_cell(row, "guid"), "", where, (file, number))
+        if cells is not None and cells != len(found):  # cells misplaced: use none
+            sample.split = _cell(row, "split") or ("train" if _cell(row, "label") else "test")
+            sample.problems.append(
+                Problem(sample.guid, None, _cell_count_problem(where, cells, found))
+            )
             continue
-        labelled = builder.label(sample, record.get("label"), required=False)
-        sample.split = _cell(record, "split") or ("train" if labelled else "test")
-        _manifest_files(builder, sample, record, root, encoding, where)
-    return builder.finish(root, "manifest", notes)
+        labelled = builder.label(sample, row.get("label"), required=False)
+        sample.split = _cell(row, "split") or ("train" if labelled else "test")
+        _manifest_files(builder, sample, row, root, encoding, where, columns)
+    source = f"{'CSV' if csv_file else 'JSONL'} file {file.name}"
+    return _finish_manifest(
+        builder, root, notes + _column_notes(found, given), columns, given, source
+    )
+
+
+def _finish_manifest(
+    builder: _Builder,
+    root: Path,
+    notes: list[str],
+    columns: dict[str, str],
+    given: dict[str, str],
+    source: str,
+) -> Dataset:
+    dataset = builder.finish(root, "manifest", notes)
+    dataset.modalities = tuple(m for m, keys in _MODALITY_KEYS if set(keys) & set(columns))
+    dataset.columns, dataset.column_map, dataset.source = columns, given, source
+    return dataset
+
+
+@dataclass
+class _Blob:
+    """Image bytes from a Parquet / Arrow cell, on their way to being hashed and checked."""
+
+    data: bytes
+    ref: ImageRef
 
 
 def _manifest_files(
-    builder: _Builder, sample: Sample, record: dict, root: Path, encoding: str, where: str
+    builder: _Builder,
+    sample: Sample,
+    row: dict,
+    root: Path,
+    encoding: str,
+    where: str,
+    columns: dict[str, str],
 ) -> None:
     """Inline `text` wins when it is not blank; otherwise `text_path` is read. Paths are
-    relative to the manifest's folder (or absolute): the manifest names them explicitly."""
-    inline = "" if record.get("text") is None else str(record["text"])
-    text_path, image = _cell(record, "text_path"), _cell(record, "image_path")
-    if text_path and not inline.strip():
-        if image:
+    relative to the manifest's folder (or absolute): the manifest names them explicitly.
+    `row` holds the keys of `columns`; its image is a path, a _Blob, or None."""
+    inline, image = row.get("text"), row.get("image")
+    image = image.strip() if isinstance(image, str) else image
+    text_path = _cell(row, "text_path")
+    image_read = False
+    if text_path and not isinstance(inline, bytes) and not _label_text(inline).strip():
+        if image and isinstance(image, str):
             builder.files(sample, root / text_path, root / image)
+            image_read = True
         else:
             builder.text_file(sample, root / text_path)
+    elif isinstance(inline, bytes):
+        builder.text_bytes(sample, inline, where)
+    elif "text" in columns or "text_path" in columns:
+        builder.inline_text(sample, "" if inline is None else str(inline), encoding, where)
+    if "image" not in columns or image_read:
+        return
+    if isinstance(image, _Blob):
+        builder.image_bytes(sample, image.data, image.ref)
+    elif image and isinstance(image, str):
+        builder.image_file(sample, root / image)
     else:
-        builder.inline_text(sample, inline, encoding, where)
-        if image:
-            builder.image_file(sample, root / image)
-    if not image:
         sample.problems.append(
-            Problem(sample.guid, "image", "no image_path; fill it in or remove the row")
+            Problem(
+                sample.guid,
+                "image",
+                f"no {columns['image']} (no image); fill it in or remove the row",
+            )
         )
+
+
+@dataclass
+class _Table:
+    """One Parquet file, or one split of an HF datasets folder, read in batches of rows."""
+
+    name: str  # in messages: "manifest.parquet", "split 'validation' of my-data"
+    columns: list[str]
+    types: dict[str, Any]  # column -> pyarrow DataType
+    class_names: dict[str, tuple[str, ...]]  # HF ClassLabel column -> its names
+    batches: Callable[[list[str]], Iterator[list[dict]]]  # rows as dicts of those columns
+    ref: Callable[[int, str], ImageRef]  # (row, column) -> where its image bytes live
+    row_files: Callable[[int], tuple[Path, ...]]  # row -> the file(s) holding it
+    split: str | None = None  # an HF DatasetDict's split name
+    notes: list[str] = field(default_factory=list)
+
+
+def _hf_class_names(metadata: dict | None) -> dict[str, tuple[str, ...]]:
+    """ClassLabel names from the `huggingface` schema metadata that HF writes into Parquet."""
+    try:
+        features = json.loads((metadata or {})[b"huggingface"])["info"]["features"]
+        return {
+            column: tuple(map(str, f["names"]))
+            for column, f in features.items()
+            if isinstance(f, dict) and f.get("_type") == "ClassLabel" and f.get("names")
+        }
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
+def _parquet_table(file: Path) -> _Table:
+    pf = _open_parquet(file)
+    schema = pf.schema_arrow
+
+    def batches(columns: list[str]) -> Iterator[list[dict]]:
+        for group in range(pf.metadata.num_row_groups):  # one group in memory at a time
+            for batch in pf.read_row_group(group, columns=columns).to_batches(max_chunksize=256):
+                yield batch.to_pylist()
+
+    groups = [pf.metadata.row_group(g) for g in range(pf.metadata.num_row_groups)]
+    biggest = max((g.total_byte_size for g in groups), default=0)
+    notes = []
+    if biggest > _BIG_ROW_GROUP:
+        notes.append(
+            f"{file.name} has row groups of up to {biggest >> 20} MiB: each image-loading "
+            "process holds one in memory while extracting; write it with smaller ones "
+            "(pyarrow.parquet.write_table(..., row_group_size=1000)) if memory is short"
+        )
+    return _Table(
+        file.name,
+        list(schema.names),
+        {f.name: f.type for f in schema},
+        _hf_class_names(schema.metadata),
+        batches,
+        lambda row, column: ImageRef("parquet", file, row, column),
+        lambda row: (file,),
+        notes=notes,
+    )
+
+
+def _hf_tables(folder: Path) -> list[_Table]:
+    """One table per split of an HF datasets folder (a Dataset, or a DatasetDict's splits)."""
+    loaded = _load_hf(folder)
+    splits = list(loaded.items()) if isinstance(loaded, dict) else [(None, loaded)]
+    tables = []
+    for split, part in splits:
+
+        def batches(columns: list[str], part: Any = part) -> Iterator[list[dict]]:
+            for table in part.select_columns(columns).with_format("arrow").iter(batch_size=256):
+                yield table.to_pylist()
+
+        names = {
+            column: tuple(map(str, feature.names))
+            for column, feature in part.features.items()
+            if type(feature).__name__ == "ClassLabel"
+        }
+        tables.append(
+            _Table(
+                f"split {split!r} of {folder.name}" if split is not None else folder.name,
+                list(part.column_names),
+                {f.name: f.type for f in part.data.schema},
+                names,
+                batches,
+                lambda row, column, split=split: ImageRef("hf", folder, row, column, split),
+                _hf_row_files(part),
+                split=None if split is None else str(split),
+            )
+        )
+    return tables
+
+
+def _hf_row_files(part: Any) -> Callable[[int], tuple[Path, ...]]:
+    """row -> the Arrow shard holding it; every shard when that cannot be told."""
+    files = tuple(Path(c["filename"]) for c in part.cache_files)
+    if len(files) <= 1 or getattr(part, "_indices", None) is not None:
+        return lambda row: files
+    pa = importlib.import_module("pyarrow")
+    try:
+        sizes = []
+        for file in files:
+            with pa.memory_map(str(file)) as source:
+                sizes.append(pa.ipc.open_stream(source).read_all().num_rows)
+    except Exception:  # not the stream format this version of datasets writes
+        return lambda row: files
+    if sum(sizes) != len(part):
+        return lambda row: files
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return lambda row: (files[bisect_right(starts, row) - 1],)
+
+
+def _check_image_type(table: _Table, column: str) -> None:
+    """An image column holds paths, bytes, or HF Image structs; anything else is a mistake."""
+    pa = importlib.import_module("pyarrow")
+    kind = table.types.get(column)
+    tests = (
+        "is_null",
+        "is_string",
+        "is_large_string",
+        "is_string_view",
+        "is_binary",
+        "is_large_binary",
+        "is_binary_view",
+        "is_fixed_size_binary",
+    )
+    if kind is None or any(getattr(pa.types, t, lambda _: False)(kind) for t in tests):
+        return
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        return
+    raise ValueError(
+        f"column {column!r} of {table.name} holds {kind}, not images; an image column holds "
+        "paths (strings), image bytes (binary) or {bytes, path} structs as HF Image features "
+        "store them; name the right one with --column image=NAME"
+    )
+
+
+def _rows(table: _Table, columns: list[str]) -> Iterator[dict]:
+    """The table's rows; a read failure (a damaged file) is one line."""
+    batches = table.batches(columns)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # ArrowInvalid, OSError, ... from a damaged file
+            raise ValueError(
+                f"{table.name} cannot be read ({_clip(' '.join(str(err).split()), 120)}); "
+                "re-export it"
+            ) from None
+        yield from batch
+
+
+def _read_tables(
+    root: Path, tables: list[_Table], builder: _Builder, given: dict[str, str], source: str
+) -> Dataset:
+    """A Parquet file (one table) or an HF datasets folder (one table per split)."""
+    found = list(dict.fromkeys(c for t in tables for c in t.columns))
+    _check_mapped(tables[0].name if len(tables) == 1 else root.name, found, given)
+    notes = _column_notes(found, given) + [n for t in tables for n in t.notes]
+    used: dict[str, str] = {}
+    for table in tables:
+        mapped = {k: c for k, c in given.items() if c in table.columns}
+        columns = _resolve_columns(table.name, table.columns, mapped)
+        if "image" in columns:
+            _check_image_type(table, columns["image"])
+        names = table.class_names.get(columns.get("label", ""))
+        if names is not None:
+            builder.labels.order = builder.labels.order or names
+        if table.split is not None and "split" in columns:
+            notes.append(f"column {columns['split']!r} gives the splits, not the DatasetDict's")
+        for row, record in enumerate(_rows(table, list(dict.fromkeys(columns.values())))):
+            _table_row(builder, table, row, record, columns, names, root)
+        used.update(columns)
+    used = {key: used[key] for key in ("guid", *COLUMN_KEYS[1:]) if key in used}
+    return _finish_manifest(builder, root, list(dict.fromkeys(notes)), used, given, source)
+
+
+def _table_row(
+    builder: _Builder,
+    table: _Table,
+    row: int,
+    record: dict,
+    columns: dict[str, str],
+    names: tuple[str, ...] | None,
+    root: Path,
+) -> None:
+    values = {key: record.get(column) for key, column in columns.items()}
+    where = f"row {row} (0-based) of {table.name}"
+    sample = builder.new(_cell(values, "guid"), "", where, None)
+    sample.row_files = table.row_files(row)
+    label = values.get("label")
+    if names is not None and isinstance(label, int) and not isinstance(label, bool):
+        if 0 <= label < len(names):
+            label = names[label]
+        else:  # -1 is how HF marks an unlabelled row; anything else is not a class
+            if label != -1:
+                sample.problems.append(
+                    Problem(
+                        sample.guid,
+                        None,
+                        f"label {label} in {where} is not a class of ClassLabel column "
+                        f"{columns['label']!r} ({', '.join(names)}); fix the row",
+                    )
+                )
+            label = None
+    labelled = builder.label(sample, label, required=False)
+    sample.split = _cell(values, "split") or table.split or ("train" if labelled else "test")
+    image = values.get("image")
+    if isinstance(image, dict):  # HF Image struct: the bytes when stored, else the path
+        image = image.get("bytes") if image.get("bytes") is not None else image.get("path")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = _Blob(bytes(image), table.ref(row, columns["image"]))
+    values["image"] = image
+    _manifest_files(builder, sample, values, root, "utf-8", where, columns)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -954,14 +1482,20 @@ def _manifest_files(
 _LAYOUTS = (
     "lab5 (a folder with train.txt and/or test_without_label.txt, plus data/), "
     "mvsa (a folder with labelResultAll.txt, plus data/), "
-    "or manifest (a .csv/.jsonl file, or a folder with one manifest.csv or manifest.jsonl)"
+    "or manifest (a .csv/.jsonl/.parquet file, a folder with one manifest.csv, manifest.jsonl "
+    "or manifest.parquet, or an HF datasets folder written by save_to_disk)"
 )
 
 
-def _manifest_file(path: Path) -> Path | None:
+def _manifest_source(path: Path) -> tuple[str, Path] | None:
+    """("csv" | "jsonl" | "parquet", file) or ("hf", folder) for the manifest at `path`; None
+    when there is none, or when a folder holds several (reading one would be a guess)."""
     if path.is_file():
-        return path if path.suffix.lower() in (".csv", ".jsonl") else None
-    found = [path / n for n in ("manifest.csv", "manifest.jsonl") if (path / n).is_file()]
+        kind = path.suffix.lower().lstrip(".")
+        return (kind, path) if kind in ("csv", "jsonl", "parquet") else None
+    found = [(n.rsplit(".", 1)[1], path / n) for n in MANIFEST_FILES if (path / n).is_file()]
+    if any((path / marker).is_file() for marker in HF_MARKERS):
+        found.append(("hf", path))
     return found[0] if len(found) == 1 else None
 
 
@@ -984,7 +1518,7 @@ def detect_format(path: Path) -> str:
             return "lab5"
         if path.is_dir() and (path / "labelResultAll.txt").is_file():
             return "mvsa"
-        if _manifest_file(path) is not None:
+        if _manifest_source(path) is not None:
             return "manifest"
     except FileNotFoundError:
         raise
@@ -1000,17 +1534,25 @@ def load_dataset(
     check_images: bool = False,
     text_encoding: str | None = None,
     labels: Sequence[str] | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Dataset:
     """Read a dataset (see the module docstring for the rules).
 
     check_images=True also decodes every image (slower, catches truncation);
     text_encoding forces the legacy encoding of the texts that are not UTF-8;
-    labels fixes the classes, in that order (other labels are fatal per sample).
+    labels fixes the classes, in that order (other labels are fatal per sample);
+    columns maps a manifest's column names ({"text": "caption"}; keys: COLUMN_KEYS).
     """
+    given = check_columns(columns)
     path = Path(path).expanduser().absolute()
     format = format or detect_format(path)
     if format not in FORMATS:
         raise ValueError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
+    if given and format != "manifest":
+        raise ValueError(
+            f"--column maps a manifest's columns, but {path} is a {format} dataset with fixed "
+            "columns; drop --column"
+        )
     builder = _Builder(
         vocabulary=None if format == "manifest" else LABELS,
         labels=labels,
@@ -1032,14 +1574,43 @@ def load_dataset(
             if not (path / "labelResultAll.txt").is_file():
                 raise FileNotFoundError(f"{path} has no labelResultAll.txt; expected {_LAYOUTS}")
             return _read_mvsa(path, builder)
-        file = _manifest_file(path)
-        if file is None:
+        source = _manifest_source(path)
+        if source is None:
             raise ValueError(f"{path} is not a manifest; expected {_LAYOUTS}")
-        return _read_manifest(file, builder)
+        kind, file = source
+        if kind in ("csv", "jsonl"):
+            return _read_manifest(file, builder, given)
+        if kind == "parquet":
+            tables = [_parquet_table(file)]
+            return _read_tables(file.parent, tables, builder, given, f"Parquet file {file.name}")
+        tables = _hf_tables(file)
+        splits = ", ".join(t.split for t in tables if t.split is not None)
+        what = f"DatasetDict with splits {splits}" if splits else "one Dataset"
+        return _read_tables(file, tables, builder, given, f"HF datasets folder ({what})")
     except FileNotFoundError:
         raise
     except OSError as err:  # the folder itself unreadable: per-sample reads never raise
         raise _not_readable(path, err) from err
+
+
+def modality_problem(dataset: Dataset, modalities: Iterable[str], encoder: str) -> str | None:
+    """One line when `encoder` reads a modality the dataset does not have (a text-only or
+    image-only manifest), else None."""
+    for modality in modalities:
+        if modality in dataset.modalities:
+            continue
+        what, keys, other = (
+            ("images", "image or image_path", "a text encoder (minilm, bert)")
+            if modality == "image"
+            else ("text", "text or text_path", "an image encoder (vit)")
+        )
+        key = keys.split(" or ")[0]
+        return (
+            f"encoder {encoder!r} reads {what}, but dataset {dataset.name} has none "
+            f"({dataset.source or 'its manifest'} has no {keys} column); use {other}, or name "
+            f"the column with --column {key}=NAME"
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- report
@@ -1064,6 +1635,9 @@ _KINDS: tuple[tuple[str, str], ...] = (
     ("is neither UTF-8", "last-resort text decode"),
     ("not found", "missing file"),
     ("no image_path", "missing file"),
+    ("(no image)", "missing image"),
+    ("is not a class of ClassLabel", "unknown label"),
+    ("cannot be read again", "unreadable file"),
     (" or ", "no files"),  # "no data/1.txt or data/1.jpg"
 )
 
@@ -1093,6 +1667,8 @@ def check_report(dataset: Dataset) -> str:
         f"text encoding: {_counts(s.text_encoding for s in samples if s.text_encoding) or '-'}"
         + (f" (legacy encoding: {dataset.text_encoding})" if dataset.text_encoding else ""),
     ]
+    if dataset.format == "manifest":
+        lines.append(_columns_line(dataset))
     groups: dict[tuple[bool, str], list[Problem]] = {}
     for problem in dataset.problems():
         groups.setdefault((not problem.fatal, problem_kind(problem)), []).append(problem)
@@ -1103,10 +1679,52 @@ def check_report(dataset: Dataset) -> str:
             f"  {_clip(p.guid, 24):<{width}}  {p.modality or 'sample':<6}  {p.reason}"
             for p in problems
         ]
-    if dataset.notes:
+    notes = dataset.notes + protocol_notes(dataset)
+    if notes:
         lines.append("\nnotes:")
-        lines += [f"  {note}" for note in dataset.notes]
+        lines += [f"  {note}" for note in notes]
     n_fatal = sum(1 for s in samples if any(p.fatal for p in s.problems))
-    n_notes = sum(1 for p in dataset.problems() if not p.fatal) + len(dataset.notes)
+    n_notes = sum(1 for p in dataset.problems() if not p.fatal) + len(notes)
     lines.append(f"\n{len(samples)} samples, {n_fatal} with fatal problems, {n_notes} notes")
     return "\n".join(lines)
+
+
+def _columns_line(dataset: Dataset) -> str:
+    """ "columns: guid=id, text=caption, image=img (embedded), label=y; read from ..."."""
+    embedded = sum(1 for s in dataset.samples if s.image_ref is not None)
+    files = sum(1 for s in dataset.samples if s.image_path is not None)
+    how = {
+        "image": f" ({embedded} embedded, {files} files)"
+        if embedded and files
+        else " (embedded bytes)"
+        if embedded
+        else " (paths)"
+        if files
+        else ""
+    }
+    mapped = ", ".join(f"{k}={c}{how.get(k, '')}" for k, c in dataset.columns.items())
+    only = [m for m in ("text", "image") if m not in dataset.modalities]
+    lacking = f"; no {only[0]} column: a {dataset.modalities[0]}-only dataset" if only else ""
+    return f"columns: {mapped}{lacking}; read from the {dataset.source}"
+
+
+def protocol_notes(dataset: Dataset) -> list[str]:
+    """What stage two will do with the rows: labelled rows outside split "train" are used for
+    neither fitting nor scoring, and a dataset without labelled "train" rows cannot be fit."""
+    outside = dataset.labelled_outside_train()
+    n = sum(1 for s in dataset.samples if s.label >= 0 and s.split == "train")
+    used = (
+        f"fuse and compare fit and score only on the {n} labelled row{'' if n == 1 else 's'} "
+        "of split 'train' (a stratified holdout or K folds of them)"
+        if n
+        else "fuse and compare fit and score only on labelled rows of split 'train', and there "
+        "are none"
+    )
+    if not outside:
+        return [] if n or not dataset.samples else [f"{used}; label some rows of split 'train'"]
+    counts = ", ".join(f"{count} in split {split!r}" for split, count in outside.items())
+    return [
+        f"labelled rows outside split 'train' ({counts}) are not used for fitting or scoring: "
+        f"{used}; `fusebench predict --split {next(iter(outside))}` labels them with a trained "
+        "head; to train on them, set their split to train"
+    ]

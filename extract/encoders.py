@@ -28,8 +28,9 @@ import torch
 import yaml
 
 from cache import TokenFeatures
+from configs import bundled_path, config_names
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "encoders"
+CONFIG_DIR = bundled_path("encoders")  # configs/encoders/, package data of the install
 
 _KINDS: dict[str, type[Encoder]] = {}
 
@@ -47,8 +48,16 @@ def register_encoder(kind: str) -> Callable[[type[Encoder]], type[Encoder]]:
 
 
 def list_encoders() -> list[str]:
-    """Names usable with --encoder (one YAML per name), plus the hf:<id-or-path> form."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names usable with --encoder (one YAML per name), plus the hf:<id-or-path> form.
+    FileNotFoundError, naming the folder, when the install lacks its bundled YAML files."""
+    names = config_names(CONFIG_DIR)
+    if not names:
+        raise FileNotFoundError(
+            f"no encoder configs in {CONFIG_DIR} (fusebench's bundled configs/encoders/*.yaml); "
+            "reinstall fusebench (pip install --force-reinstall fusebench, or pip install . "
+            "in a clone)"
+        )
+    return names
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from cache import CacheError, DamagedCacheError, FeatureStore
 from cache.integrity import fix_line, verify_digests
-from cache.reader import check_openable, open_h5, read_header
+from cache.reader import check_openable, read_header, reading
 from extract.datasets import Dataset, load_dataset, load_image
 from extract.encoders import Encoder, create_encoder
 
@@ -54,7 +54,7 @@ def verify(
 ) -> list[str]:
     path = Path(path)
     check_openable(path)
-    with open_h5(path) as f:
+    with reading(path) as f:
         attrs, config, _ = read_header(f, path)
         checked, bad = verify_digests(f, path)
     if bad:

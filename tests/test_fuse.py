@@ -688,3 +688,28 @@ def test_importing_fuse_leaves_extract_and_transformers_out():
     )
     assert done.returncode == 0, done.stderr
     assert len(modules) >= 8  # every fuse module was imported, not just the package
+
+
+def test_labelled_rows_outside_train_are_named_not_silently_unused(tmp_path):
+    """A manifest's own `val` rows carry labels; the protocol fits and scores on split 'train'
+    only, so a run must say so (stderr note + config.yaml), never leave them silently unused."""
+    data = synthetic(n_train=90, n_test=0, tokens=False, seed=3)
+    data["split"] = ["val" if k < 12 else s for k, s in enumerate(data["split"])]
+    write(tmp_path / "feats" / "syn.h5", data)
+    result = runner.invoke(
+        app,
+        ["fuse", "--head", "logreg", "--features", str(tmp_path / "feats"), "--text", "syn",
+         "--image", "syn", "--out", str(tmp_path / "runs"), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "12 in split 'val'" in result.output
+    assert "--split val" in result.output
+    config = yaml_load(next((tmp_path / "runs").iterdir()) / "config.yaml")
+    assert config["rows"]["labelled_unused"] == {"val": 12}
+    assert config["rows"]["labelled_train"] == 78
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

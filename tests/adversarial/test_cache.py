@@ -130,7 +130,7 @@ def test_cache_datasets_are_row_chunked_with_fletcher32_and_digests(tmp_path):
         names: list[str] = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         digests = json.loads(f.attrs["digests"])
-        assert set(digests) == set(names)
+        assert set(digests) == {*names, "@attrs"}  # every array, and the attributes
         for name in names:
             ds = f[name]
             if ds.dtype.kind == "O":
@@ -178,6 +178,59 @@ def test_bytes_flipped_anywhere_are_refused_or_change_nothing(tmp_path):
         for key, value in want.items():
             assert np.array_equal(got[key], value), f"flip at {offset} silently changed {key}"
     assert refused >= 20  # most of the file is data: most flips must be caught
+
+
+def test_every_region_of_a_small_cache_when_damaged_is_refused_or_harmless(tmp_path):
+    """A dense sweep over a whole small file: superblock, object headers, attributes (classes,
+    pooling, config), the string heap (guid, split, error log, sources), chunk index, data.
+    Every flip is refused in one CacheError line, or changes nothing a reader gets."""
+    rng = np.random.default_rng(0)
+    tokens = rng.standard_normal((4, 6, 8)).astype(np.float16)
+    text = TokenFeatures(tokens, np.ones((4, 6), bool), {"pooled": tokens[:, 0]}, {"pooled": "cls"})
+    clean = write_features(
+        tmp_path / "c.h5",
+        guid=["a", "b", "c", "d"],
+        split=["train", "train", "test", "test"],
+        label=[0, 1, 2, -1],
+        text=text,
+        errors=[("c", "image", "truncated")],
+        sources={"root": "/data", "files": {"data/a.txt": {"size": 3, "guids": ["a"]}}},
+    )
+    raw = clean.read_bytes()
+
+    def seen(s: FeatureStore) -> list:
+        attrs = {k: v for k, v in s.attrs.items() if k != "digests"}  # only verify reads all
+        return [
+            s.guid.tolist(),
+            s.split.tolist(),
+            s.label.tolist(),
+            s.status.tolist(),
+            s.text.tokens.tolist(),
+            s.text.mask.tolist(),
+            s.text.pooled["pooled"].tolist(),
+            s.text.pooling,
+            s.classes,
+            s.errors,
+            s.sources,
+            s.manifest,
+            s.config,
+            attrs,
+        ]
+
+    want = seen(FeatureStore.open(clean))
+    damaged, refused = tmp_path / "d.h5", 0
+    for offset in range(0, len(raw) - 8, 24):
+        damaged.write_bytes(
+            raw[:offset] + bytes(b ^ 0x5A for b in raw[offset : offset + 8]) + raw[offset + 8 :]
+        )
+        try:
+            got = seen(FeatureStore.open(damaged))
+        except CacheError as e:
+            assert "\n" not in str(e) and str(damaged) in str(e)
+            refused += 1
+            continue
+        assert got == want, f"a flip at byte {offset} silently changed what a reader gets"
+    assert refused > len(raw) // 24 // 2
 
 
 def test_fast_bulk_read_equals_hdf5_read(tmp_path, monkeypatch):
@@ -953,3 +1006,32 @@ def test_sources_of_a_real_lab5_dataset_name_an_edited_label(tmp_path):
     train = data / "train.txt"
     train.write_text(train.read_text().replace("103,negative", "103,positive"))
     assert check_fresh(store) == ["103: its row in train.txt (line 5) was edited or removed"]
+
+
+def test_a_cache_in_the_earlier_layout_still_opens(tmp_path):
+    """Contiguous datasets, no digests, no sources (what fusebench wrote before): readable,
+    with the per-row arrays still checked against the manifest."""
+    from cache import fingerprint
+
+    n, config = 5, {"encoder": "synthetic"}
+    manifest = [{"guid": str(i), "split": "train", "label": i % 2} for i in range(n)]
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(
+            fusebench_format=1,
+            complete=True,
+            config=json.dumps(config),
+            fingerprint=fingerprint(config, manifest),
+            encoder="synthetic",
+        )
+        f["guid"] = np.array([m["guid"] for m in manifest], dtype=object).astype("S")
+        f["split"] = np.array(["train"] * n, dtype="S")
+        f["label"] = np.array([m["label"] for m in manifest], dtype=np.int8)
+        f["label"].attrs["classes"] = ["negative", "positive"]
+        f["status"] = np.ones(n, np.uint8)
+        f["manifest"] = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+        f["text/pooled"] = np.arange(n * 3, dtype=np.float16).reshape(n, 3)
+    store = FeatureStore.open(path)
+    assert store.guid.tolist() == ["0", "1", "2", "3", "4"] and store.sources is None
+    assert np.array_equal(store.text.pooled["pooled"], np.arange(15).reshape(5, 3))
+    assert "no digests" in cli("cache", "info", path).stdout
