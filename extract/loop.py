@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -42,11 +43,16 @@ from cache import (
     OK,
     CacheError,
     CacheWriter,
+    DamagedCacheError,
+    FeatureStore,
     TokenFeatures,
+    check_fresh,
     exclusive_lock,
     fingerprint,
     parts_dir,
+    read_rows,
     record_sources,
+    rewrite_sources,
     temp_path,
 )
 from cache.format import canonical_json, describe_differences
@@ -156,6 +162,11 @@ class StageLog:
         rate = n / seconds if n and seconds > 0 else 0.0
         rate = f" ({rate:.{1 if rate < 100 else 0}f} {unit}/s)" if rate else ""
         print(f"{self.prefix}: {what}: {done}{rate}{extra}", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        """A remark the user should read (a damaged journal part discarded, ...); not when quiet."""
+        if self.live or self.lines:
+            tqdm.write(f"note: {message}", file=sys.stderr)
 
 
 def cache_path(out: str | Path, dataset: str, encoder: str) -> Path:
@@ -361,10 +372,13 @@ def _extract_locked(
     reuse_from = ""
     if final.exists():
         state = _existing_cache(final, fp, config, manifest, overwrite)
-        if state == "same":
+        if state == "same" and _up_to_date(final, ds, samples, log):
             return ExtractReport(final, len(samples), 0, 0, 0, 0, 0.0, up_to_date=True)
         if state == "refresh":
-            reuse, reuse_from = _reusable_rows(final, samples, manifest, good, config)
+            try:
+                reuse, reuse_from = _reusable_rows(final, samples, manifest, good, config)
+            except CacheError as e:  # damaged: nothing in it can be trusted, rebuild it all
+                log.note(f"{e}; rebuilding every row (the old file stays until the new one is done)")
 
     try:
         journal, plan = _open_journal(final, fp, reuse_from)
@@ -381,6 +395,8 @@ def _extract_locked(
         raise ExtractError(os_error_line(e, parts_dir(final))) from None
 
     done = {m: journal.done(m) for m in enc.modalities}
+    for message in journal.notes:  # a damaged plan or part, discarded and computed again
+        log.note(message)
     reused = sum(len(b) for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
                  if m in enc.modalities for i, b in enumerate(bs) if i in done[m])
     total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
@@ -393,11 +409,7 @@ def _extract_locked(
         raise ExtractError(os_error_line(e, journal.folder, kept)) from None
 
     t_write = time.perf_counter()
-    sources = record_sources(
-        Path(ds.root),
-        [(s.guid, [p for p in s.source_files() if p.is_file()],
-          s.index_line) for s in samples],
-    )
+    sources = _sources(ds, samples)
     try:
         status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config,
                                    manifest, sources)
@@ -418,6 +430,31 @@ def _extract_locked(
         startup_seconds=startup, refreshed=bool(plan.reuse_from),
         kept=sum(len(pairs) for pairs in plan.reuse.values()),
     )
+
+
+def _sources(ds: Dataset, samples: Sequence[Sample]) -> dict:
+    """What the data files look like now (cache/sources.py), for stage two's stale check."""
+    return record_sources(
+        Path(ds.root),
+        [(s.guid, [p for p in s.source_files() if p.is_file()], s.index_line) for s in samples],
+    )
+
+
+def _up_to_date(final: Path, ds: Dataset, samples: Sequence[Sample], log: StageLog) -> bool:
+    """The cache at `final` has this run's fingerprint: is it usable as it is? A leftover
+    journal (killed right after the final rename) is removed; a record of the data files that
+    no longer matches them (an edited header, a reformatted line: same samples, other bytes)
+    is rewritten, so stage two does not call the cache stale; a cache whose small arrays fail
+    their digests is rebuilt (False)."""
+    shutil.rmtree(parts_dir(final), ignore_errors=True)
+    try:
+        store = FeatureStore.open(final, modalities=(), tokens=False)
+    except DamagedCacheError as e:
+        log.note(f"{e}; rebuilding it (the old file stays until the new one is done)")
+        return False
+    if store.sources is not None and check_fresh(store):
+        rewrite_sources(final, _sources(ds, samples))
+    return True
 
 
 def _open_journal(final: Path, fp: str, reuse_from: str) -> tuple[Journal, Plan | None]:
@@ -653,7 +690,8 @@ def _assemble(
             length = plan.text_len
             if modality == "text" and old is not None and plan.reuse.get("text"):
                 old_rows = sorted(i for _, i in plan.reuse["text"])
-                length = max(length, int(old["text/mask"][old_rows].sum(axis=1).max()))
+                mask = read_rows(old["text/mask"], old_rows)
+                length = max(length, int(mask.sum(axis=1).max()))
             created = False
             for rows, feats in _feature_blocks(modality, plan, journal, old, failed, errors, samples):
                 if not created:
@@ -712,14 +750,14 @@ def _feature_blocks(
 
 def _old_rows(g: h5py.Group, rows: list[int]) -> TokenFeatures:
     """Rows of one modality group of an existing cache, tokens trimmed to their longest."""
-    mask = g["mask"][rows] if "mask" in g else None
-    tokens = g["tokens"][rows] if "tokens" in g else None
+    mask = read_rows(g["mask"], rows) if "mask" in g else None
+    tokens = read_rows(g["tokens"], rows) if "tokens" in g else None
     if mask is not None and tokens is not None:
         width = int(mask.sum(axis=1).max())
         mask, tokens = mask[:, :width], tokens[:, :width]
     names = [k for k in g if k.startswith("pooled")]
     return TokenFeatures(
-        tokens=tokens, mask=mask, pooled={k: g[k][rows] for k in names},
+        tokens=tokens, mask=mask, pooled={k: read_rows(g[k], rows) for k in names},
         pooling={k: str(decode_attr(g[k].attrs.get("pooling", ""))) for k in names},
     )
 

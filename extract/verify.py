@@ -13,7 +13,7 @@ import torch
 from cache import CacheError, DamagedCacheError, FeatureStore
 from cache.integrity import fix_line, verify_digests
 from cache.reader import check_openable, read_header, reading
-from extract.datasets import Dataset, load_dataset, load_image
+from extract.datasets import Dataset, load_dataset, open_sample_image
 from extract.encoders import Encoder, create_encoder
 
 # float16 storage keeps ~3 significant digits; batching/padding may move the last bit.
@@ -42,8 +42,10 @@ def current_config(enc: Encoder, stored: dict, ds: Dataset | None = None) -> dic
         "limit": stored.get("limit"),
         "precision": stored.get("precision"),
     }
-    now = {} if ds is None else {"classes": list(ds.classes), "text_encoding": ds.text_encoding}
-    for key in ("classes", "text_encoding"):  # absent from caches written before they counted
+    now = {} if ds is None else {
+        "classes": list(ds.classes), "text_encoding": ds.text_encoding, "columns": ds.column_map,
+    }
+    for key in ("classes", "text_encoding", "columns"):  # absent unless the cache records them
         if key in stored:
             config[key] = now.get(key, stored[key])
     return config
@@ -69,6 +71,7 @@ def verify(
         config.get("format"),
         text_encoding=config.get("text_encoding"),
         labels=config.get("classes"),
+        columns=config.get("columns"),
     )
     samples = ds.samples[: config["limit"]] if config.get("limit") else ds.samples
     enc = rebuild_encoder(config, device)
@@ -130,7 +133,7 @@ def recompute_row(enc: Encoder, sample) -> dict:
     if "text" in enc.modalities:
         out["text"] = enc.encode_text(enc.tokenize([sample.text or ""]))
     if "image" in enc.modalities:
-        pixels = torch.as_tensor(enc.preprocess([load_image(sample.image_path)]))
+        pixels = torch.as_tensor(enc.preprocess([open_sample_image(sample)]))
         out["image"] = enc.encode_image(pixels)
     return out
 
