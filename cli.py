@@ -23,10 +23,17 @@ data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help=(
-    "No progress at all (for scripts). Without it: a progress bar on a terminal; when stderr "
-    "goes to a file, one plain line per finished stage or fit instead."
-))]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help=(
+            "No progress at all (for scripts). Without it: a progress bar on a terminal; when stderr "
+            "goes to a file, one plain line per finished stage or fit instead."
+        ),
+    ),
+]
 
 
 def _print_version(value: bool) -> None:
@@ -43,9 +50,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.",
-    )] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
 ) -> None:
     pass
 
@@ -61,23 +74,68 @@ def fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def extract(
-    data: Annotated[Path, typer.Option(help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet.")],
-    encoder: Annotated[str, typer.Option(help="vit | bert | clip | minilm | hf:<id-or-path>")] = "minilm",
-    out: Annotated[Path, typer.Option(help="Features root; writes OUT/<dataset>/<encoder>.h5.")] = Path("features"),
-    model: Annotated[str | None, typer.Option(help="Weights: hub id or a local save_pretrained folder.")] = None,
-    layer: Annotated[int | None, typer.Option(help="Hidden layer to store (0 = embeddings, -1 = last).")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Random weights from the model's config (seed 0), no checkpoint.")] = False,
-    data_format: Annotated[str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")] = None,
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
+        ),
+    ],
+    encoder: Annotated[
+        str, typer.Option(help="vit | bert | clip | minilm | hf:<id-or-path>")
+    ] = "minilm",
+    out: Annotated[
+        Path, typer.Option(help="Features root; writes OUT/<dataset>/<encoder>.h5.")
+    ] = Path("features"),
+    model: Annotated[
+        str | None, typer.Option(help="Weights: hub id or a local save_pretrained folder.")
+    ] = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Hidden layer to store (0 = embeddings, -1 = last).")
+    ] = None,
+    random_init: Annotated[
+        bool,
+        typer.Option(
+            "--random-init", help="Random weights from the model's config (seed 0), no checkpoint."
+        ),
+    ] = False,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
+    ] = "auto",
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
-    on_error: Annotated[str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")] = "skip",
-    workers: Annotated[int | None, typer.Option(min=0, help="Image-loading worker processes.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a cache built from other data or settings.")] = False,
-    text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).")] = None,
-    labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry).")] = None,
-    column: Annotated[list[str] | None, typer.Option("--column", help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).")] = None,
+    on_error: Annotated[
+        str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")
+    ] = "skip",
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Image-loading worker processes.")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a cache built from other data or settings.")
+    ] = False,
+    text_encoding: Annotated[
+        str | None,
+        typer.Option(
+            "--text-encoding",
+            help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry)."
+        ),
+    ] = None,
+    column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--column",
+            help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
@@ -90,10 +148,24 @@ def extract(
         fail("--on-error must be skip or fail", code=2)
     try:
         rep = run_extract(
-            data, encoder, out=out, model=model, layer=layer, random_init=random_init,
-            data_format=data_format, batch_size=batch_size, device=device, precision=precision, limit=limit,
-            on_error=on_error, num_workers=workers, overwrite=overwrite, quiet=quiet,
-            text_encoding=text_encoding, labels=split_labels(labels), columns=parse_columns(column),
+            data,
+            encoder,
+            out=out,
+            model=model,
+            layer=layer,
+            random_init=random_init,
+            data_format=data_format,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            limit=limit,
+            on_error=on_error,
+            num_workers=workers,
+            overwrite=overwrite,
+            quiet=quiet,
+            text_encoding=text_encoding,
+            labels=split_labels(labels),
+            columns=parse_columns(column),
         )
     except (ExtractError, CacheError) as e:
         fail(" ".join(str(e).split()))
@@ -143,8 +215,12 @@ def cache_info(file: Path) -> None:
 @cache_app.command("verify")
 def cache_verify(
     file: Path,
-    data: Annotated[Path | None, typer.Option(help="Dataset to check against (default: the one recorded).")] = None,
-    rows: Annotated[int, typer.Option(min=0, help="How many rows to recompute with the encoder.")] = 4,
+    data: Annotated[
+        Path | None, typer.Option(help="Dataset to check against (default: the one recorded).")
+    ] = None,
+    rows: Annotated[
+        int, typer.Option(min=0, help="How many rows to recompute with the encoder.")
+    ] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Re-check completeness and fingerprint against the data and model; recompute some rows."""
@@ -158,14 +234,18 @@ def cache_verify(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e), code=2)
     except OSError as e:
-        fail(f"cannot read {e.filename or file} ({e.strerror or e}); check the path and its permissions")
+        fail(
+            f"cannot read {e.filename or file} ({e.strerror or e}); check the path and its permissions"
+        )
     for line in lines:
         typer.echo(line)
 
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Folder to create (lab5 layout).")] = Path("demo-data/lab5-synthetic"),
+    out: Annotated[Path, typer.Option(help="Folder to create (lab5 layout).")] = Path(
+        "demo-data/lab5-synthetic"
+    ),
     n_train: Annotated[int, typer.Option(min=10)] = 540,
     n_test: Annotated[int, typer.Option(min=1)] = 60,
     seed: int = 0,
@@ -184,24 +264,55 @@ def data_synth(
 
 @data_app.command("check")
 def data_check(
-    data: Annotated[Path, typer.Option(help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet.")],
-    data_format: Annotated[str | None, typer.Option("--format", help="lab5 | mvsa | manifest")] = None,
-    text_encoding: Annotated[str | None, typer.Option("--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected).")] = None,
-    labels: Annotated[str | None, typer.Option(help="Classes in order, comma-separated (default: the labels the rows carry).")] = None,
-    column: Annotated[list[str] | None, typer.Option("--column", help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).")] = None,
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
+        ),
+    ],
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="lab5 | mvsa | manifest")
+    ] = None,
+    text_encoding: Annotated[
+        str | None,
+        typer.Option(
+            "--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected)."
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Classes in order, comma-separated (default: the labels the rows carry)."
+        ),
+    ] = None,
+    column: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--column",
+            help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
+        ),
+    ] = None,
 ) -> None:
     """Report every problem in a dataset, sample by sample (decodes every image): its
     classes, text encodings, and each bad sample by guid."""
     from extract.datasets import check_report, load_dataset, parse_columns, split_labels
 
     try:
-        ds = load_dataset(data, data_format, check_images=True, text_encoding=text_encoding,
-                          labels=split_labels(labels), columns=parse_columns(column))
+        ds = load_dataset(
+            data,
+            data_format,
+            check_images=True,
+            text_encoding=text_encoding,
+            labels=split_labels(labels),
+            columns=parse_columns(column),
+        )
     except (ValueError, FileNotFoundError) as e:
         fail(" ".join(str(e).split()), code=2)
     typer.echo(check_report(ds))
 
+
 # ---------------------------------------------------------------- stage two (fuse/)
+
 
 def _head_names() -> str:
     """The bundled heads' names for --help, from their YAML files (no torch import)."""
@@ -212,20 +323,75 @@ def _head_names() -> str:
 
 HEAD_NAMES = _head_names()
 
-Features = Annotated[Path, typer.Option(help="Cache folder features/DATASET, holding <encoder>.h5 files.")]
-TextEnc = Annotated[str, typer.Option("--text", help="Encoder whose text features to use; 'none' for image only.")]
-ImageEnc = Annotated[str, typer.Option("--image", help="Encoder whose image features to use; 'none' for text only.")]
-ValRatio = Annotated[float | None, typer.Option(help="Score on a stratified holdout of this share (default 0.1, split seed 42).")]
-Folds = Annotated[int | None, typer.Option(help="Score with stratified K-fold (K >= 2, seed 42) instead of a holdout.")]
-Epochs = Annotated[int | None, typer.Option(help="Max epochs of torch heads, >= 1 (default: the head's YAML).")]
-RunsOut = Annotated[Path, typer.Option("--out", help="Runs root; writes OUT/<timestamp>-<name>/ (OUT/<...>.tmp/ until finished).")]
-FuseDevice = Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (torch heads).")]
-ClassWeights = Annotated[bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency.")]
-AllowStale = Annotated[bool, typer.Option(
-    "--allow-stale",
-    help="Use a cache whose dataset changed since extraction (default: refuse, naming the changed "
-    "samples); the run's config.yaml records what changed.",
-)]
+Features = Annotated[
+    Path | None,
+    typer.Option(
+        help="Cache folder features/DATASET, holding <encoder>.h5 files (required unless --config gives it)."
+    ),
+]
+TextEnc = Annotated[
+    str, typer.Option("--text", help="Encoder whose text features to use; 'none' for image only.")
+]
+ImageEnc = Annotated[
+    str, typer.Option("--image", help="Encoder whose image features to use; 'none' for text only.")
+]
+ValRatio = Annotated[
+    float | None,
+    typer.Option(help="Score on a stratified holdout of this share (fuse's default: 0.1)."),
+]
+Folds = Annotated[
+    int | None, typer.Option(help="Score with stratified K-fold, K >= 2 (compare's default: 5).")
+]
+SplitSeed = Annotated[
+    int,
+    typer.Option(
+        "--split-seed",
+        help="Seed of the stratified splits: the same seed gives every cell the same folds.",
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a hyperparameter, repeatable: --set dim=128 --set train.lr=3e-4 (compare: HEAD.KEY=V for one head, KEY=V for every head that has KEY).",
+    ),
+]
+ReplayConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Replay a run: RUN/config.yaml (or RUN). Flags typed here override its settings; --set adds to its overrides.",
+    ),
+]
+PrintConfig = Annotated[
+    bool,
+    typer.Option(
+        "--print-config", help="Print the resolved settings as YAML and exit without training."
+    ),
+]
+Epochs = Annotated[
+    int | None, typer.Option(help="Max epochs of torch heads, >= 1 (default: the head's YAML).")
+]
+RunsOut = Annotated[
+    Path,
+    typer.Option(
+        "--out", help="Runs root; writes OUT/<timestamp>-<name>/ (OUT/<...>.tmp/ until finished)."
+    ),
+]
+FuseDevice = Annotated[
+    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (torch heads).")
+]
+ClassWeights = Annotated[
+    bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency.")
+]
+AllowStale = Annotated[
+    bool,
+    typer.Option(
+        "--allow-stale",
+        help="Use a cache whose dataset changed since extraction (default: refuse, naming the changed "
+        "samples); the run's config.yaml records what changed.",
+    ),
+]
 
 
 def _run_stage_two(call):
@@ -245,142 +411,276 @@ def _run_stage_two(call):
         fail(" ".join(os_error_line(e).split()))
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        fail(f"--seeds must be whole numbers separated by commas, e.g. 42,43,44 (got {text!r})", code=2)
-    return seeds
+def _stage_two(
+    ctx: typer.Context,
+    command: str,
+    out: Path,
+    quiet: bool,
+    config: Path | None,
+    print_config: bool,
+    **values,
+) -> None:
+    """fuse and compare: settings from the flags typed, else --config, else the defaults; then
+    one grid run (or, with --print-config, the resolved settings and no training)."""
+    from fuse.experiment import run_grid, settings_yaml
+    from fuse.grid import resolve_settings
 
-
-def _epochs(epochs: int | None) -> int | None:
-    if epochs is not None and epochs < 1:
-        fail(f"--epochs must be at least 1, not {epochs}", code=2)
-    return epochs
-
-
-def _encoder(name: str) -> str | None:
-    return None if name.strip().lower() in ("none", "") else name.strip()
-
-
-def _protocol(val_ratio: float | None, folds: int | None):
-    from fuse.protocol import StratifiedProtocol
-
-    if val_ratio is not None and folds is not None:
-        fail("give either --val-ratio or --folds, not both", code=2)
-    return _run_stage_two(lambda: StratifiedProtocol(val_ratio=0.1 if val_ratio is None else val_ratio, folds=folds))
-
-
-def _overrides(pairs: list[str] | None) -> dict:
-    """--set dim=128 --set train.lr=3e-4 -> {"dim": 128, "train": {"lr": 0.0003}}."""
-    import yaml
-
-    out: dict = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        *parents, leaf = key.strip().split(".")
-        if not sep or not all([*parents, leaf]):
-            fail(f"--set wants KEY=VALUE (e.g. dim=128 or train.lr=3e-4), got {pair!r}", code=2)
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                fail(f"--set {pair!r}: {p} was already set to a value, not a group of keys", code=2)
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            fail(f"--set {pair!r}: {value!r} is not a value (a number, true/false, or text)", code=2)
-    return out
+    names = {"head": "heads", "set_": "set"}  # parameter -> setting
+    explicit = [
+        names.get(k, k)
+        for k in values
+        if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")
+    ]
+    given = {names.get(k, k): v for k, v in values.items()}
+    spec = _run_stage_two(lambda: resolve_settings(command, given, explicit, config))
+    if print_config:
+        typer.echo(_run_stage_two(lambda: settings_yaml(spec)), nl=False)
+        return
+    result = _run_stage_two(lambda: run_grid(spec, out=out, quiet=quiet))
+    typer.echo(result.table)
+    typer.echo(f"run folder: {result.run_dir}")
 
 
 @app.command("fuse")
 def fuse_cmd(
-    head: Annotated[str, typer.Option(help=f"Fusion head: {HEAD_NAMES}.")],
-    features: Features,
+    ctx: typer.Context,
+    head: Annotated[
+        str | None,
+        typer.Option(help=f"Fusion head (required unless --config gives it): {HEAD_NAMES}."),
+    ] = None,
+    features: Features = None,
     text: TextEnc = "minilm",
     image: ImageEnc = "vit",
     val_ratio: ValRatio = None,
     folds: Folds = None,
-    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")] = "42",
+    split_seed: SplitSeed = 42,
+    seeds: Annotated[
+        str, typer.Option(help="Model seeds, comma-separated (each used once).")
+    ] = "42",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
     class_weights: ClassWeights = False,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a hyperparameter: --set dim=128 --set train.lr=3e-4.")] = None,
+    set_: SetOpt = None,
     allow_stale: AllowStale = False,
+    config: ReplayConfig = None,
+    print_config: PrintConfig = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train one fusion head on cached features and score it (holdout or K folds, × seeds)."""
-    from fuse.experiment import run_fuse
+    """Train one fusion head on cached features and score it (holdout or K folds, × seeds).
 
-    protocol = _protocol(val_ratio, folds)
-    result = _run_stage_two(lambda: run_fuse(
-        head=head, features=features, text=_encoder(text), image=_encoder(image), protocol=protocol,
-        seeds=_seeds(seeds), epochs=_epochs(epochs), out=out, device=device, class_weights=class_weights,
-        overrides=_overrides(set_), allow_stale=allow_stale, quiet=quiet,
-    ))
-    typer.echo(result.table)
-    typer.echo(f"run folder: {result.run_dir}")
+    A grid of one cell: the same run folder as `compare` (config.yaml, results.json/.csv,
+    runs.csv, val_predictions.csv, models/, plots)."""
+    _stage_two(
+        ctx,
+        "fuse",
+        out,
+        quiet,
+        config,
+        print_config,
+        head=head,
+        features=features,
+        text=text,
+        image=image,
+        val_ratio=val_ratio,
+        folds=folds,
+        split_seed=split_seed,
+        seeds=seeds,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+        set_=set_,
+        allow_stale=allow_stale,
+    )
 
 
 @app.command()
 def compare(
-    features: Features,
+    ctx: typer.Context,
+    features: Features = None,
     heads: Annotated[str, typer.Option(help=f"'all' or a comma list of: {HEAD_NAMES}.")] = "all",
-    text: TextEnc = "minilm",
-    image: ImageEnc = "vit",
+    text: Annotated[
+        str,
+        typer.Option(
+            "--text",
+            help="Text encoders, comma-separated; 'none' = no text (e.g. minilm,bert,none).",
+        ),
+    ] = "minilm",
+    image: Annotated[
+        str,
+        typer.Option(
+            "--image",
+            help="Image encoders, comma-separated; 'none' = no image (e.g. vit,clip,none).",
+        ),
+    ] = "vit",
     val_ratio: ValRatio = None,
     folds: Folds = None,
-    seeds: Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")] = "42,43,44",
+    split_seed: SplitSeed = 42,
+    seeds: Annotated[
+        str, typer.Option(help="Model seeds, comma-separated (each used once).")
+    ] = "42,43,44",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
     class_weights: ClassWeights = False,
+    set_: SetOpt = None,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
+        ),
+    ] = None,
     allow_stale: AllowStale = False,
+    config: ReplayConfig = None,
+    print_config: PrintConfig = False,
     quiet: Quiet = False,
 ) -> None:
-    """Every head × fold × seed on one cache: a table sorted by macro-F1, CSV/JSON and plots."""
-    from fuse.experiment import run_compare
+    """Score a grid of cells (text encoder x image encoder x head x variant), every cell on
+    the same folds and seeds: a ranked table, results.csv/.json, plots and every fit's model.
 
-    protocol = _protocol(val_ratio, folds)
-    result = _run_stage_two(lambda: run_compare(
-        heads=heads, features=features, text=_encoder(text), image=_encoder(image), protocol=protocol,
-        seeds=_seeds(seeds), epochs=_epochs(epochs), out=out, device=device, class_weights=class_weights,
-        allow_stale=allow_stale, quiet=quiet,
-    ))
-    typer.echo(result.table)
-    typer.echo(f"run folder: {result.run_dir}")
+    A cell that cannot run (a fusion head with image 'none', a token head on a pooled-only
+    cache) is skipped with a note; a head that reads one modality (text_only) runs once per
+    encoder it reads. Each cache is loaded once; the folds (default: stratified 5-fold) are
+    made from the rows usable in every cache.
+
+    \b
+    Hyperparameters (values are YAML: 128, 3e-4, true):
+      --set cross_attn.dim=128        one head
+      --set train.lr=3e-4             every head that has the key
+      --sweep cross_attn.dim=128,256  one cell per value (cell id ...@dim=128)
+    A --sweep value wins over a --set of the same key.
+
+    \b
+    Replay: --config RUN/config.yaml reruns a run with its settings (same numbers on CPU);
+    flags typed here override them. --print-config shows the resolved settings and exits."""
+    _stage_two(
+        ctx,
+        "compare",
+        out,
+        quiet,
+        config,
+        print_config,
+        features=features,
+        heads=heads,
+        text=text,
+        image=image,
+        val_ratio=val_ratio,
+        folds=folds,
+        split_seed=split_seed,
+        seeds=seeds,
+        epochs=epochs,
+        device=device,
+        class_weights=class_weights,
+        set_=set_,
+        sweep=sweep,
+        allow_stale=allow_stale,
+    )
 
 
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="Run folder written by `fuse` or `compare`.")],
     split: Annotated[str, typer.Option(help="Which cache rows to label.")] = "test",
-    out: Annotated[Path, typer.Option(help=(
-        "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
-        "A row the head has no usable features for keeps its line with an EMPTY tag (never a "
-        "stand-in class) and is named on stderr."
-    ))] = Path("predictions.txt"),
-    head: Annotated[str | None, typer.Option(help="Head of a compare run (default: its best by macro-F1).")] = None,
-    features: Annotated[Path | None, typer.Option(help="Where the run's cache folder is now, if it moved.")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help=(
+                "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
+                "A row the cell has no usable features for keeps its line with an EMPTY tag (never a "
+                "stand-in class) and is named on stderr."
+            )
+        ),
+    ] = Path("predictions.txt"),
+    cell: Annotated[
+        str | None,
+        typer.Option(
+            help="Cell of the run, e.g. 'minilm+vit/concat_mlp' (default: config.yaml's best_cell)."
+        ),
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option(help="Pick the cell by its head, when one cell of the run has it.")
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "ensemble: every fold x seed model of the cell, probabilities averaged; refit: the cell "
+                "retrained on all labelled rows (epochs / boosting rounds = median best of its CV fits, "
+                "one model per run seed; saved under RUN/refit/ and reused); fold0: the first fit only."
+            )
+        ),
+    ] = "ensemble",
+    refit: Annotated[bool, typer.Option("--refit", help="Same as --model refit.")] = False,
+    proba: Annotated[
+        bool, typer.Option("--proba", help="Add a p_<class> column per class.")
+    ] = False,
+    features: Annotated[
+        Path | None, typer.Option(help="Where the run's cache folder is now, if it moved.")
+    ] = None,
     device: FuseDevice = "auto",
     allow_stale: AllowStale = False,
     quiet: Quiet = False,
 ) -> None:
-    """Label a split with a run's saved model (refits nothing), in the cache's row order.
+    """Label a split with a cell of a run (default: the fold ensemble of its best cell), in
+    the cache's row order; RUN/predictions.json records which models were used.
 
-    A head labels every row that has the features it reads (a text_only head labels rows
+    A cell labels every row that has the features it reads (a text_only head labels rows
     whose image failed); the others get an empty tag and are counted on stderr."""
     from fuse.predict import predict_run
 
-    report = _run_stage_two(lambda: predict_run(
-        run, split=split, out=out, head=head, features=features, device=device, allow_stale=allow_stale,
-    ))
+    if refit and model not in ("ensemble", "refit"):
+        fail(f"--refit and --model {model} disagree; give one of them", code=2)
+    report = _run_stage_two(
+        lambda: predict_run(
+            run,
+            split=split,
+            out=out,
+            cell=cell,
+            head=head,
+            mode="refit" if refit else model,
+            proba=proba,
+            features=features,
+            device=device,
+            allow_stale=allow_stale,
+            quiet=quiet,
+        )
+    )
     if not quiet:
-        empty = f" ({len(report.unpredicted)} with an empty tag: no usable features)" if report.unpredicted else ""
-        typer.echo(f"wrote {report.n_rows} predictions from head '{report.head}' to {report.out}{empty}")
+        empty = (
+            f" ({len(report.unpredicted)} with an empty tag: no usable features)"
+            if report.unpredicted
+            else ""
+        )
+        used = f"{len(report.model_dirs)} model(s)" + (
+            " (reused)" if (report.refit or {}).get("reused") else ""
+        )
+        typer.echo(
+            f"wrote {report.n_rows} predictions of cell '{report.cell}' ({report.mode}, {used}) to {report.out}{empty}"
+        )
+
+
+# ---------------------------------------------------------------- report
+
+
+@app.command()
+def report(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run folders written by `fuse` or `compare`.", show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path(
+        "report.html"
+    ),
+) -> None:
+    """One self-contained HTML page of one or more runs (styles and plots inline, nothing
+    fetched): ranked table, heat map, plots and provenance per run; a combined ranking when
+    the runs share protocol, classes and rows."""
+    from fuse.report_html import write_report
+
+    path = _run_stage_two(lambda: write_report(runs, out))
+    typer.echo(f"report: {path}")
+
 
 # ---------------------------------------------------------------- end
 

@@ -28,8 +28,13 @@ def synthetic_cache(folder: Path, n: int = 2000) -> Path:
         mask=None,
         pooled={"pooled": rng.standard_normal((n, 768), dtype=np.float32).astype(np.float16)},
     )
-    return write_features(folder / "bench" / "vit.h5", guid=[str(i) for i in range(n)],
-                          split=["train"] * n, label=[i % 3 for i in range(n)], image=image)
+    return write_features(
+        folder / "bench" / "vit.h5",
+        guid=[str(i) for i in range(n)],
+        split=["train"] * n,
+        label=[i % 3 for i in range(n)],
+        image=image,
+    )
 
 
 def raw_read(path: Path) -> int:

@@ -28,8 +28,9 @@ from extract.loop import extract, plan_batches  # noqa: E402
 
 CASES = {
     "text (minilm)": dict(encoder="minilm"),
-    "image (vit, random weights)": dict(encoder="vit", model=str(REPO / "configs/demo/vit-random"),
-                                        random_init=True),
+    "image (vit, random weights)": dict(
+        encoder="vit", model=str(REPO / "configs/demo/vit-random"), random_init=True
+    ),
 }
 
 
@@ -39,12 +40,16 @@ def pure_forward(data: str, limit: int | None, batch_size: int, **enc_kw) -> flo
     samples = ds.samples[:limit] if limit else ds.samples
     kw = dict(enc_kw)
     enc = create_encoder(kw.pop("encoder"), device="cpu", **kw)
-    good = {m: [i for i, s in enumerate(samples) if not s.failed(enc.modalities)]
-            for m in enc.modalities}
+    good = {
+        m: [i for i, s in enumerate(samples) if not s.failed(enc.modalities)]
+        for m in enc.modalities
+    }
     plan = plan_batches(enc, samples, good, batch_size)
     text = [[plan.text_ids[r] for r in b] for b in plan.text_batches]
-    pixels = [torch.as_tensor(enc.preprocess([load_image(samples[r].image_path) for r in b]))
-              for b in plan.image_batches]
+    pixels = [
+        torch.as_tensor(enc.preprocess([load_image(samples[r].image_path) for r in b]))
+        for b in plan.image_batches
+    ]
     t0 = time.perf_counter()
     for ids in text:
         enc.encode_text(ids)
@@ -59,24 +64,36 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
-    print(f"data {args.data}, limit {args.limit}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"data {args.data}, limit {args.limit}, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for name, kw in CASES.items():
         loops, walls, fwds = [], [], []
         for _ in range(2):  # alternate, best of 2: both sides get a warm process
             fwds.append(pure_forward(args.data, args.limit, args.batch_size, **kw))
             out = Path(tempfile.mkdtemp())
             try:
-                rep = extract(args.data, out=out, batch_size=args.batch_size, limit=args.limit,
-                              device="cpu", quiet=True, **kw)
+                rep = extract(
+                    args.data,
+                    out=out,
+                    batch_size=args.batch_size,
+                    limit=args.limit,
+                    device="cpu",
+                    quiet=True,
+                    **kw,
+                )
             finally:
                 shutil.rmtree(out)
             walls.append(rep.seconds)
             loops.append(rep.seconds - rep.startup_seconds)
         fwd, loop, wall = min(fwds), min(loops), min(walls)
-        print(f"{name:<28} pure forward {fwd:6.2f}s | extract loop {loop:6.2f}s, ratio "
-              f"{loop / fwd:.3f} (target <= 1.10) | with startup (index + model load) "
-              f"{wall:6.2f}s, ratio {wall / fwd:.3f}")
+        print(
+            f"{name:<28} pure forward {fwd:6.2f}s | extract loop {loop:6.2f}s, ratio "
+            f"{loop / fwd:.3f} (target <= 1.10) | with startup (index + model load) "
+            f"{wall:6.2f}s, ratio {wall / fwd:.3f}"
+        )
+
 
 if __name__ == "__main__":
     main()

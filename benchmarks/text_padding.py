@@ -49,9 +49,13 @@ def main() -> None:
     def run_fixed() -> None:  # the naive way: dataset order, every text padded to max_length
         for i in range(0, len(good), args.batch_size):
             rows = good[i : i + args.batch_size]
-            batch = enc.tokenizer([samples[r].text for r in rows], padding="max_length",
-                                  truncation=True, max_length=enc.spec.max_length,
-                                  return_tensors="pt")
+            batch = enc.tokenizer(
+                [samples[r].text for r in rows],
+                padding="max_length",
+                truncation=True,
+                max_length=enc.spec.max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 enc.model(**batch)
 
@@ -63,13 +67,17 @@ def main() -> None:
     run_fixed()
     t_fixed = time.perf_counter() - t0
 
-    print(f"data {ds.root} ({len(good)} texts), encoder {args.encoder}, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"data {ds.root} ({len(good)} texts), encoder {args.encoder}, batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"real tokens              {real}")
     print(f"computed (sorted plan)   {computed}   ratio {computed / real:.3f}  (target <= 1.15)")
     print(f"computed (pad to {enc.spec.max_length})    {fixed}   ratio {fixed / real:.3f}")
-    print(f"forward time sorted {t_sorted:.2f}s, fixed {t_fixed:.2f}s: "
-          f"speed-up {t_fixed / t_sorted:.2f}x")
+    print(
+        f"forward time sorted {t_sorted:.2f}s, fixed {t_fixed:.2f}s: "
+        f"speed-up {t_fixed / t_sorted:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -184,7 +184,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise ValueError(
+            f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(
             f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
@@ -280,10 +282,15 @@ def weights_revision(model: Any, path: str) -> str:
     if commit:
         return str(commit)
     folder = Path(path)
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not any(p.match(pattern) for pattern in _NOT_READ)
-    ) if folder.is_dir() else []
+    files = (
+        sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file() and not any(p.match(pattern) for pattern in _NOT_READ)
+        )
+        if folder.is_dir()
+        else []
+    )
     if not files:
         return ""
     h = hashlib.sha256()
@@ -410,8 +417,10 @@ class Encoder:
     # image --------------------------------------------------------------
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """(B, 3, H, W) float32 pixel values from the model's own image processor."""
-        return np.asarray(self.image_processor(images=list(images), return_tensors="np")["pixel_values"],
-                          dtype=np.float32)
+        return np.asarray(
+            self.image_processor(images=list(images), return_tensors="np")["pixel_values"],
+            dtype=np.float32,
+        )
 
     def encode_text(self, ids: Sequence[Sequence[int]]) -> TokenFeatures:
         raise NotImplementedError(f"encoder '{self.spec.name}' has no text tower")
@@ -437,7 +446,10 @@ def _f16(x: torch.Tensor) -> np.ndarray:
 
 
 def _text_features(
-    tokens: torch.Tensor, mask: torch.Tensor, pooled: dict[str, torch.Tensor], pooling: dict[str, str]
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    pooled: dict[str, torch.Tensor],
+    pooling: dict[str, str],
 ) -> TokenFeatures:
     tokens = tokens.float().masked_fill(~mask.unsqueeze(-1), 0.0)  # (B, L, D), padding exactly 0
     return TokenFeatures(
@@ -485,8 +497,10 @@ class ImageEncoder(Encoder):
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
         with self._autocast():
-            out = self.model(pixel_values=pixels.to(self.device),
-                             output_hidden_states=self.spec.layer is not None)
+            out = self.model(
+                pixel_values=pixels.to(self.device),
+                output_hidden_states=self.spec.layer is not None,
+            )
         tokens = self._hidden(out).float()  # (B, P, D)
         full = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TokenFeatures(
@@ -519,13 +533,17 @@ class ClipEncoder(Encoder):
             embeds = self.model.text_projection(out.pooler_output)  # (B, E)
         embeds = embeds.float() / embeds.float().norm(p=2, dim=-1, keepdim=True)
         mask = batch["attention_mask"].bool()
-        return _text_features(self._hidden(out), mask, {"pooled": embeds}, {"pooled": "text_embeds"})
+        return _text_features(
+            self._hidden(out), mask, {"pooled": embeds}, {"pooled": "text_embeds"}
+        )
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
         with self._autocast():
-            out = self.model.vision_model(pixel_values=pixels.to(self.device),
-                                          output_hidden_states=self.spec.layer is not None)
+            out = self.model.vision_model(
+                pixel_values=pixels.to(self.device),
+                output_hidden_states=self.spec.layer is not None,
+            )
             embeds = self.model.visual_projection(out.pooler_output)  # (B, E)
         embeds = embeds.float() / embeds.float().norm(p=2, dim=-1, keepdim=True)
         return TokenFeatures(

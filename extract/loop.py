@@ -132,9 +132,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
-        return cls(d["text_batches"], d["image_batches"],
-                   {int(k): v for k, v in d["text_ids"].items()},
-                   d.get("reuse", {}), d.get("reuse_from", ""))
+        return cls(
+            d["text_batches"],
+            d["image_batches"],
+            {int(k): v for k, v in d["text_ids"].items()},
+            d.get("reuse", {}),
+            d.get("reuse_from", ""),
+        )
 
     @property
     def text_len(self) -> int:
@@ -153,8 +157,14 @@ class StageLog:
         self.live = not quiet and sys.stderr.isatty()  # a redrawn bar: terminals only
         self.lines = not quiet and not self.live
 
-    def stage(self, what: str, n: int | None = None, seconds: float = 0.0, unit: str = "samples",
-              extra: str = "") -> None:
+    def stage(
+        self,
+        what: str,
+        n: int | None = None,
+        seconds: float = 0.0,
+        unit: str = "samples",
+        extra: str = "",
+    ) -> None:
         """One line for a finished stage: `n` items in `seconds` and their rate."""
         if not self.lines:
             return
@@ -181,13 +191,17 @@ def cache_config(enc: Encoder, ds: Dataset, *, batch_size: int, limit: int | Non
     size (padding changes float16 bits), the dataset's format, classes and legacy text
     encoding, --limit (None when it covers the whole dataset), and the manifest's --column
     mapping (only when one is given, so caches built without it keep their fingerprint)."""
-    return enc.config() | {
-        "batch_size": batch_size,
-        "format": ds.format,
-        "limit": limit if limit and limit < len(ds.samples) else None,
-        "classes": list(ds.classes),
-        "text_encoding": ds.text_encoding,
-    } | ({"columns": ds.column_map} if ds.column_map else {})  # --column: absent when not used
+    return (
+        enc.config()
+        | {
+            "batch_size": batch_size,
+            "format": ds.format,
+            "limit": limit if limit and limit < len(ds.samples) else None,
+            "classes": list(ds.classes),
+            "text_encoding": ds.text_encoding,
+        }
+        | ({"columns": ds.column_map} if ds.column_map else {})
+    )  # --column: absent when not used
 
 
 def check_output(final: Path) -> None:
@@ -203,7 +217,9 @@ def check_output(final: Path) -> None:
                 )
             break
     if final.exists() and not final.is_file():
-        raise ExtractError(f"{final} exists and is not a file; move it away or pass --out elsewhere")
+        raise ExtractError(
+            f"{final} exists and is not a file; move it away or pass --out elsewhere"
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -256,8 +272,9 @@ class _ImageBatches(TorchDataset):
     """Item b = batch b, loaded and preprocessed in a worker. Undecodable images are
     returned as failures, not raised, so the rest of the batch goes on."""
 
-    def __init__(self, batches: list[tuple[int, list[int]]], samples: Sequence[Sample],
-                 encoder: Encoder) -> None:
+    def __init__(
+        self, batches: list[tuple[int, list[int]]], samples: Sequence[Sample], encoder: Encoder
+    ) -> None:
         self.batches = batches
         self.samples = samples  # a file path or an embedded-bytes reference per sample
         self.preprocess = encoder.preprocess
@@ -314,14 +331,21 @@ def extract(
     if limit is not None and limit < 1:
         raise ValueError("--limit must be at least 1")
     t0 = time.perf_counter()
-    spec = load_spec(encoder, model=model, layer=layer, random_init=random_init,
-                     precision=precision)
+    spec = load_spec(
+        encoder, model=model, layer=layer, random_init=random_init, precision=precision
+    )
     dev = resolve_device(device)
     log = StageLog(f"extract {spec.name}", quiet)
     t_read = time.perf_counter()
     # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
-    ds = load_dataset(data, data_format, check_images=on_error == "fail",
-                      text_encoding=text_encoding, labels=labels, columns=columns)
+    ds = load_dataset(
+        data,
+        data_format,
+        check_images=on_error == "fail",
+        text_encoding=text_encoding,
+        labels=labels,
+        columns=columns,
+    )
     if missing := modality_problem(ds, modalities_of(spec), spec.name):  # text-/image-only data
         raise ValueError(missing)
     log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
@@ -330,22 +354,43 @@ def extract(
     try:
         with exclusive_lock(final):  # before the model loads: a second writer hears at once
             rep = _extract_locked(
-                ds, final, spec, dev, batch_size=batch_size, limit=limit, on_error=on_error,
-                num_workers=num_workers, overwrite=overwrite, log=log, t0=t0,
+                ds,
+                final,
+                spec,
+                dev,
+                batch_size=batch_size,
+                limit=limit,
+                on_error=on_error,
+                num_workers=num_workers,
+                overwrite=overwrite,
+                log=log,
+                t0=t0,
             )
     except KeyboardInterrupt:
         parts = parts_dir(final)
         n = len(list(parts.glob("*.npz"))) if parts.is_dir() else 0
-        kept = (f"{n} finished batches are kept in {parts}; rerun the same command to resume"
-                if n else "nothing was written; rerun the same command to start again")
+        kept = (
+            f"{n} finished batches are kept in {parts}; rerun the same command to resume"
+            if n
+            else "nothing was written; rerun the same command to start again"
+        )
         raise ExtractInterrupted(f"interrupted; {kept}") from None
     rep.seconds = time.perf_counter() - t0
     return rep
 
 
 def _extract_locked(
-    ds: Dataset, final: Path, spec: EncoderSpec, dev: torch.device, *, batch_size: int,
-    limit: int | None, on_error: str, num_workers: int | None, overwrite: bool, log: StageLog,
+    ds: Dataset,
+    final: Path,
+    spec: EncoderSpec,
+    dev: torch.device,
+    *,
+    batch_size: int,
+    limit: int | None,
+    on_error: str,
+    num_workers: int | None,
+    overwrite: bool,
+    log: StageLog,
     t0: float,
 ) -> ExtractReport:
     samples = ds.samples[:limit] if limit else ds.samples
@@ -378,7 +423,9 @@ def _extract_locked(
             try:
                 reuse, reuse_from = _reusable_rows(final, samples, manifest, good, config)
             except CacheError as e:  # damaged: nothing in it can be trusted, rebuild it all
-                log.note(f"{e}; rebuilding every row (the old file stays until the new one is done)")
+                log.note(
+                    f"{e}; rebuilding every row (the old file stays until the new one is done)"
+                )
 
     try:
         journal, plan = _open_journal(final, fp, reuse_from)
@@ -397,22 +444,38 @@ def _extract_locked(
     done = {m: journal.done(m) for m in enc.modalities}
     for message in journal.notes:  # a damaged plan or part, discarded and computed again
         log.note(message)
-    reused = sum(len(b) for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
-                 if m in enc.modalities for i, b in enumerate(bs) if i in done[m])
+    reused = sum(
+        len(b)
+        for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
+        if m in enc.modalities
+        for i, b in enumerate(bs)
+        if i in done[m]
+    )
     total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
     kept = " (every finished batch is kept)"
     try:
-        computed = _compute(enc, samples, plan, journal, done, on_error, num_workers, log,
-                            bar=dict(total=total, initial=reused, disable=not log.live,
-                                     desc=f"{spec.name} {ds.name}"))
+        computed = _compute(
+            enc,
+            samples,
+            plan,
+            journal,
+            done,
+            on_error,
+            num_workers,
+            log,
+            bar=dict(
+                total=total, initial=reused, disable=not log.live, desc=f"{spec.name} {ds.name}"
+            ),
+        )
     except OSError as e:
         raise ExtractError(os_error_line(e, journal.folder, kept)) from None
 
     t_write = time.perf_counter()
     sources = _sources(ds, samples)
     try:
-        status, errors = _assemble(final, ds, samples, enc, plan, journal, blocked, config,
-                                   manifest, sources)
+        status, errors = _assemble(
+            final, ds, samples, enc, plan, journal, blocked, config, manifest, sources
+        )
     except OSError as e:
         raise ExtractError(os_error_line(e, temp_path(final), kept)) from None
     except ExtractError:
@@ -424,10 +487,18 @@ def _extract_locked(
     real = sum(len(v) for v in plan.text_ids.values())
     padded = sum(len(b) * max(len(plan.text_ids[r]) for r in b) for b in plan.text_batches)
     return ExtractReport(
-        path=final, rows=len(samples), ok=int((status == OK).sum()),
-        failed=int((status == FAILED).sum()), computed=computed, reused=reused,
-        seconds=0.0, real_tokens=real, computed_tokens=padded, problems=errors,
-        startup_seconds=startup, refreshed=bool(plan.reuse_from),
+        path=final,
+        rows=len(samples),
+        ok=int((status == OK).sum()),
+        failed=int((status == FAILED).sum()),
+        computed=computed,
+        reused=reused,
+        seconds=0.0,
+        real_tokens=real,
+        computed_tokens=padded,
+        problems=errors,
+        startup_seconds=startup,
+        refreshed=bool(plan.reuse_from),
         kept=sum(len(pairs) for pairs in plan.reuse.values()),
     )
 
@@ -470,8 +541,14 @@ def _open_journal(final: Path, fp: str, reuse_from: str) -> tuple[Journal, Plan 
 
 
 def _compute(
-    enc: Encoder, samples: Sequence[Sample], plan: Plan, journal: Journal,
-    done: dict[str, set[int]], on_error: str, num_workers: int | None, log: StageLog,
+    enc: Encoder,
+    samples: Sequence[Sample],
+    plan: Plan,
+    journal: Journal,
+    done: dict[str, set[int]],
+    on_error: str,
+    num_workers: int | None,
+    log: StageLog,
     bar: dict,
 ) -> int:
     """Runs every planned batch not in the journal; returns how many rows it computed. Each
@@ -502,8 +579,9 @@ def _compute(
     return computed
 
 
-def _log_modality(log: StageLog, modality: str, batches: list, done: dict[str, set[int]],
-                  n: int, start: float) -> None:
+def _log_modality(
+    log: StageLog, modality: str, batches: list, done: dict[str, set[int]], n: int, start: float
+) -> None:
     """The stage line of one modality (none when the encoder has no such tower)."""
     if not batches:
         return
@@ -552,7 +630,9 @@ def _all_failed_line(n: int, guid: str, reason: str, root: Path) -> str:
     )
 
 
-def _existing_cache(final: Path, fp: str, config: dict, manifest: list[dict], overwrite: bool) -> str:
+def _existing_cache(
+    final: Path, fp: str, config: dict, manifest: list[dict], overwrite: bool
+) -> str:
     """What to do with a cache already at `final`: "same" (complete, same data and settings),
     "replace" (--overwrite) or "refresh" (same settings, the data changed). Anything else
     needs --overwrite."""
@@ -580,7 +660,10 @@ def _existing_cache(final: Path, fp: str, config: dict, manifest: list[dict], ov
 
 
 def _reusable_rows(
-    final: Path, samples: Sequence[Sample], manifest: list[dict], good: dict[str, list[int]],
+    final: Path,
+    samples: Sequence[Sample],
+    manifest: list[dict],
+    good: dict[str, list[int]],
     config: dict,
 ) -> tuple[dict[str, list[list[int]]], str]:
     """Refresh: per modality, [row, row in the existing cache] for every row whose features
@@ -623,7 +706,10 @@ def _reusable_rows(
 
 
 def _image_batches(
-    enc: Encoder, samples: Sequence[Sample], plan: Plan, done: dict[str, set[int]],
+    enc: Encoder,
+    samples: Sequence[Sample],
+    plan: Plan,
+    done: dict[str, set[int]],
     num_workers: int | None,
 ) -> Iterator[tuple[int, list[int], object, list]]:
     if "image" not in enc.modalities:
@@ -634,9 +720,13 @@ def _image_batches(
     if num_workers is None:
         num_workers = min(4, max(1, (os.cpu_count() or 2) // 2))
     loader = DataLoader(
-        _ImageBatches(todo, samples, enc), batch_size=None, shuffle=False,
-        num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
-        prefetch_factor=2 if num_workers else None, pin_memory=enc.device.type == "cuda",
+        _ImageBatches(todo, samples, enc),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None,
+        prefetch_factor=2 if num_workers else None,
+        pin_memory=enc.device.type == "cuda",
     )
     for b, ok_rows, pixels, failures in loader:
         feats = enc.encode_image(torch.as_tensor(pixels)) if ok_rows else None
@@ -644,8 +734,16 @@ def _image_batches(
 
 
 def _assemble(
-    final: Path, ds: Dataset, samples: Sequence[Sample], enc: Encoder, plan: Plan,
-    journal: Journal, blocked: dict, config: dict, manifest: list[dict], sources: dict,
+    final: Path,
+    ds: Dataset,
+    samples: Sequence[Sample],
+    enc: Encoder,
+    plan: Plan,
+    journal: Journal,
+    blocked: dict,
+    config: dict,
+    manifest: list[dict],
+    sources: dict,
 ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """Journal (+ rows copied from the existing cache on a refresh) -> <final>.tmp -> <final>.
     Returns status and the error log. ExtractError when no row came out usable."""
@@ -669,9 +767,13 @@ def _assemble(
             "weights": config["weights"],
             "dataset": ds.name,
             "data_path": str(Path(ds.root).resolve()),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "fusebench": _version(), "h5py": h5py.__version__,
-                         "cache_format": cache.FORMAT_VERSION},
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "fusebench": _version(),
+                "h5py": h5py.__version__,
+                "cache_format": cache.FORMAT_VERSION,
+            },
         },
         sources=sources,
     )
@@ -693,14 +795,21 @@ def _assemble(
                 mask = read_rows(old["text/mask"], old_rows)
                 length = max(length, int(mask.sum(axis=1).max()))
             created = False
-            for rows, feats in _feature_blocks(modality, plan, journal, old, failed, errors, samples):
+            for rows, feats in _feature_blocks(
+                modality, plan, journal, old, failed, errors, samples
+            ):
                 if not created:
                     writer.create_modality(
                         modality,
-                        tokens=(length if modality == "text" else feats.tokens.shape[1],
-                                feats.tokens.shape[2]),
+                        tokens=(
+                            length if modality == "text" else feats.tokens.shape[1],
+                            feats.tokens.shape[2],
+                        ),
                         mask=feats.mask is not None,
-                        pooled={k: (v.shape[1], feats.pooling.get(k, "")) for k, v in feats.pooled.items()},
+                        pooled={
+                            k: (v.shape[1], feats.pooling.get(k, ""))
+                            for k, v in feats.pooled.items()
+                        },
                     )
                     created = True
                 writer.write(modality, rows, feats)
@@ -724,8 +833,14 @@ def _assemble(
 
 
 def _feature_blocks(
-    modality: str, plan: Plan, journal: Journal, old: h5py.File | None, failed: np.ndarray,
-    errors: list[tuple[str, str, str]], samples: Sequence[Sample], block: int = 256,
+    modality: str,
+    plan: Plan,
+    journal: Journal,
+    old: h5py.File | None,
+    failed: np.ndarray,
+    errors: list[tuple[str, str, str]],
+    samples: Sequence[Sample],
+    block: int = 256,
 ) -> Iterator[tuple[np.ndarray, TokenFeatures]]:
     """(rows, features) of one modality: each journalled batch (its failures are recorded in
     `failed` / `errors` on the way), then the rows a refresh copies from the old cache."""
@@ -757,7 +872,9 @@ def _old_rows(g: h5py.Group, rows: list[int]) -> TokenFeatures:
         mask, tokens = mask[:, :width], tokens[:, :width]
     names = [k for k in g if k.startswith("pooled")]
     return TokenFeatures(
-        tokens=tokens, mask=mask, pooled={k: read_rows(g[k], rows) for k in names},
+        tokens=tokens,
+        mask=mask,
+        pooled={k: read_rows(g[k], rows) for k in names},
         pooling={k: str(decode_attr(g[k].attrs.get("pooling", ""))) for k in names},
     )
 

@@ -42,9 +42,15 @@ def current_config(enc: Encoder, stored: dict, ds: Dataset | None = None) -> dic
         "limit": stored.get("limit"),
         "precision": stored.get("precision"),
     }
-    now = {} if ds is None else {
-        "classes": list(ds.classes), "text_encoding": ds.text_encoding, "columns": ds.column_map,
-    }
+    now = (
+        {}
+        if ds is None
+        else {
+            "classes": list(ds.classes),
+            "text_encoding": ds.text_encoding,
+            "columns": ds.column_map,
+        }
+    )
     for key in ("classes", "text_encoding", "columns"):  # absent unless the cache records them
         if key in stored:
             config[key] = now.get(key, stored[key])

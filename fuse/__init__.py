@@ -2,7 +2,8 @@
 
 Reads only the cache (cache/); never imports extract/ or transformers. Entry points:
 `load_feature_set`, `build_head` / `list_heads`, `StratifiedProtocol`,
-`fuse.experiment.run_fuse` / `run_compare`, `fuse.predict.predict_run`.
+`fuse.experiment.run_grid` (what `fuse` and `compare` run; `run_compare` takes their flags),
+`fuse.predict.predict_run`, `fuse.report_html` (`fusebench report`).
 Torch and LightGBM load when a head needs them, not on `import fuse`.
 """
 

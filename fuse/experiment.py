@@ -1,15 +1,24 @@
-"""`fuse` and `compare`: heads × folds × seeds on one FeatureSet, and the run folder they leave.
+"""The one experiment runner: cells × folds × seeds, and the run folder it leaves.
 
-The FeatureSet is loaded once per command and its splits computed once; every head, fold and
-seed reuses them. For `predict`, the run keeps the model fitted on the FIRST model seed and
-the FIRST scored split (the holdout under --val-ratio): the very model whose scores open
-metrics.json, trained without ever seeing its scored rows. No model is refitted on all rows.
+`fuse` is a grid of one cell and `compare` a grid of many (fuse.grid: which cells, which
+rows); both go through `run_grid`, so both leave the same files:
 
-Run folders: everything is checked (heads, seeds, caches, splits) and the run folder is
-created and probed for writing BEFORE any training; the run is written into
+    config.yaml          the resolved settings (replayable with --config), caches, rows, cells
+                         (params, and every fit's model folder), best_cell
+    results.json         per cell: mean ± std over folds × seeds and of the per-seed means;
+                         per fit: scores, train seconds, parameters, per-epoch history
+    results.csv          one row per cell, ranked by mean macro-F1; runs.csv one row per fit
+    val_predictions.csv  every scored row of every fit, with each class's probability
+    models/<cell-slug>/seed<S>-fold<K>/   every fit's model (fuse.predict.load_head)
+    heatmap.png, scores.png, learning_curves.png, confusion.png  (fuse.report.write_plots)
+
+Every cell is fitted and scored on the same folds (the splits are computed once, on the rows
+usable in every cache of the grid) and the same model seeds.
+
+Run folders: everything is checked (heads, hyperparameters, seeds, caches, splits) and the
+run folder is created and probed for writing BEFORE any training; the run is written into
 `<out>/<stamp>-<name>.tmp/` and renamed to `<out>/<stamp>-<name>/` only once every file is in
-place (fuse._util.StagedRunDir). A command that fails midway removes its `.tmp` folder, so a
-folder without `.tmp` is always a finished run.
+place (fuse._util.StagedRunDir), so a folder without `.tmp` is always a finished run.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import inspect
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,19 +37,39 @@ import numpy as np
 import yaml
 
 from fuse._util import StagedRunDir, note, plain, versions
-from fuse.features import FeatureSet, check_inputs, load_feature_set
+from fuse.features import FeatureSet, check_inputs
+from fuse.grid import (
+    Cell,
+    FeatureBank,
+    GridSpec,
+    check_seeds,
+    describe_common_rows,
+    load_bank,
+    parse_heads,
+    resolve_settings,
+)
 from fuse.metrics import aggregate, score
 from fuse.protocol import Fold, StratifiedProtocol
-from fuse.registry import build_head, get_head, head_needs_tokens, list_heads
-from fuse.report import (
-    format_table,
-    plot_confusion,
-    plot_confusion_grid,
-    plot_scores,
-    prediction_rows,
-    ranked,
-    summary_rows,
-    write_csv,
+from fuse.registry import build_head, get_head, head_needs_tokens
+from fuse.report import write_csv
+
+__all__ = [
+    "FitProgress",
+    "HeadRun",
+    "RunResult",
+    "check_seeds",
+    "evaluate_head",
+    "parse_heads",
+    "run_compare",
+    "run_grid",
+    "settings_yaml",
+]
+
+METRICS = ("accuracy", "macro_f1", "weighted_f1")
+SPREAD = (
+    "± is the sample std (ddof 1) over every fit of a cell (folds × seeds: n fits), so it "
+    "pools fold and seed variation; seed_means is the mean ± std of the per-seed means (each "
+    "averaged over the folds; n seeds): the spread to compare two cells by"
 )
 
 
@@ -54,26 +83,34 @@ class HeadRun:
     metrics: dict  # score() + train_time_s, n_params, best_iteration
     scored: np.ndarray  # (n_scored,) rows of the FeatureSet
     proba: np.ndarray  # (n_scored, C)
-    model: Any = None  # the fitted estimator, kept for the first (seed, fold) only
+    history: list = field(default_factory=list)  # torch: [{epoch, train_loss, val_loss, ...}]
+    cell: str = ""  # the cell id (run_grid)
+    model_dir: str | None = None  # where the fitted model was saved, relative to the run
+    n_params_meaning: str = ""  # what n_params counts for this head
 
 
 @dataclass
 class RunResult:
-    """What `run_fuse` / `run_compare` return: the folder, and the numbers it holds."""
+    """What `run_grid` returns: the folder, the results.json it holds, and the stdout table."""
 
     run_dir: Path
-    summaries: dict[str, dict]  # head -> aggregate() over seeds × folds
+    results: dict
     runs: list[HeadRun] = field(repr=False, default_factory=list)
     table: str = ""
+
+    @property
+    def summaries(self) -> dict[str, dict]:
+        """cell id -> aggregate() over seeds × folds, best first."""
+        return {c: self.results["cells"][c]["summary"] for c in self.results["ranking"]}
 
 
 class FitProgress:
     """Progress over a grid of fits, for a terminal and for a log file alike.
 
-    On a terminal: one bar over the fits (postfix: head, seed, fold k/K) above each torch
+    On a terminal: one bar over the fits (postfix: cell, seed, fold k/K) above each torch
     head's epoch bar. When stderr is not a terminal (`> log 2>&1`, a pipe, a batch job): no
     redrawn bars at all, one plain line per finished fit instead:
-        fit 3/18: cross_attn seed 42 fold 3/5: macro-F1 0.6123, 4.2s
+        fit 3/18: minilm+vit/cross_attn seed 42 fold 3/5: macro-F1 0.6123, 4.2s
     quiet: nothing at all."""
 
     def __init__(self, total: int, n_folds: int, *, quiet: bool, desc: str) -> None:
@@ -90,8 +127,8 @@ class FitProgress:
         """Whether a head's own (epoch) bar stays hidden."""
         return not self.live
 
-    def start(self, head: str, seed: int, fold: int) -> None:
-        self._where = f"{head} seed {seed} " + (
+    def start(self, label: str, seed: int, fold: int) -> None:
+        self._where = f"{label} seed {seed} " + (
             f"fold {fold + 1}/{self.n_folds}" if self.n_folds > 1 else "holdout"
         )
         if self.live:
@@ -99,7 +136,7 @@ class FitProgress:
 
     @property
     def where(self) -> str:
-        """The fit under way, e.g. "cross_attn seed 42 fold 3/5" (labels its epoch bar)."""
+        """The fit under way, e.g. "minilm+vit/cross_attn seed 42 fold 3/5"."""
         return self._where
 
     def finish(self, macro_f1: float, seconds: float) -> None:
@@ -123,63 +160,264 @@ class FitProgress:
         self.close()
 
 
-def parse_heads(spec: str | Sequence[str]) -> tuple[list[str], bool]:
-    """'all' or 'a,b,c' -> (names, is_all); unknown names fail, listing the valid ones."""
-    if isinstance(spec, str):
-        spec = [s.strip() for s in spec.split(",") if s.strip()]
-    if not spec:
-        raise ValueError(f"no heads given; valid heads: {', '.join(list_heads())}")
-    if list(spec) == ["all"]:
-        return list_heads(), True
-    for name in spec:
-        get_head(name)
-    return list(dict.fromkeys(spec)), False
+# ---------------------------------------------------------------- one head, folds × seeds
 
 
-MAX_SEED = 2**32 - 1  # numpy, torch, scikit-learn and LightGBM all take 0 .. 2**32 - 1
-
-
-def check_seeds(seeds: Sequence[int]) -> list[int]:
-    """The model seeds, each once, in the given order; a seed given twice is counted once
-    (with a note) — it would only repeat the same numbers and shrink the reported std."""
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
-            raise ValueError(
-                f"seed {s!r} is not a whole number from 0 to {MAX_SEED}; pass e.g. --seeds 42,43,44"
-            )
-    unique = list(dict.fromkeys(int(s) for s in seeds))
-    if not unique:
-        raise ValueError("no model seeds given; pass e.g. --seeds 42 or --seeds 42,43,44")
-    if len(unique) < len(seeds):
-        note(
-            f"--seeds repeats a seed; each is used once: {','.join(map(str, unique))} "
-            "(the same seed gives the same numbers)"
-        )
-    return unique
-
-
-def check_heads(
-    names: Sequence[str],
+def evaluate_head(
+    name: str,
+    fs: FeatureSet,
+    folds: Sequence[Fold],
+    seeds: Sequence[int],
     *,
-    overrides: dict[str, dict | None] | None = None,
+    overrides: dict | None = None,
     epochs: int | None = None,
     device: str | None = None,
     class_weights: bool | None = None,
-) -> None:
-    """Builds each head once (cheap: no weights) so a bad hyperparameter or device fails
-    before any cache is read."""
-    for name in names:
+    quiet: bool = True,
+    progress: FitProgress | None = None,
+    label: str | None = None,
+    save: Callable[[int, int], Path] | None = None,
+) -> list[HeadRun]:
+    """Fits head `name` once per (seed, fold): on fold.fit, early-stopped on fold.inner_val,
+    then scores fold.scored — rows it has not seen before.
+
+    progress: told when each fit starts and ends (its bar or log line, named `label`, default
+    the head); it also decides whether the head's own epoch bar shows. save(seed, fold): the
+    folder each fitted model is saved to (none: the models are dropped)."""
+    runs: list[HeadRun] = []
+    if progress is not None:
+        quiet = quiet or progress.inner_quiet
+    for seed in seeds:
+        for fold in folds:
+            if progress is not None:
+                progress.start(label or name, seed, fold.index)
+            start = time.perf_counter()
+            head = build_head(
+                name,
+                seed=seed,
+                overrides=overrides,
+                epochs=epochs,
+                device=device,
+                class_weights=class_weights,
+            )
+            # torch heads label their epoch bar with the fit (cell, seed, fold); the registry
+            # contract is fit(train, val, quiet=), so only heads that take `desc` get it
+            desc = {"desc": progress.where} if progress is not None and _takes_desc(head) else {}
+            head.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet, **desc)
+            scored = fs.take(fold.scored)
+            proba = head.predict_proba(scored)  # (n_scored, C)
+            metrics = score(scored.label, proba, fs.classes)
+            metrics.update(
+                seed=seed,
+                fold=fold.index,
+                train_time_s=float(head.train_time_),
+                n_params=int(head.n_params_),
+                best_iteration=head.best_iteration_,
+            )
+            run = HeadRun(name, seed, fold.index, metrics, fold.scored, proba)
+            run.history = list(getattr(head, "history_", None) or [])
+            run.n_params_meaning = params_meaning(head)
+            if save is not None:
+                folder = save(seed, fold.index)
+                head.save(folder)
+                run.model_dir = str(folder)
+            runs.append(run)
+            if progress is not None:
+                progress.finish(metrics["macro_f1"], time.perf_counter() - start)
+    return runs
+
+
+def _takes_desc(head: Any) -> bool:
+    return "desc" in inspect.signature(head.fit).parameters
+
+
+PARAMS_MEANING = {  # what n_params counts, for heads that are not torch modules
+    "lightgbm": "tree nodes (split thresholds + leaf values) up to the best iteration",
+    "logreg": "coefficients + intercepts",
+}
+
+
+def params_meaning(head: Any) -> str:
+    """What a head's n_params_ counts: trainable weights for torch heads, nodes for trees."""
+    if meaning := getattr(head, "n_params_meaning", None):
+        return str(meaning)
+    if getattr(head, "kind", "") == "torch":
+        return "trainable weights"
+    return PARAMS_MEANING.get(getattr(head, "name", ""), "as counted by the estimator")
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -> RunResult:
+    """Every cell of `spec` × folds × seeds -> `<out>/<stamp>-<name>/` (see the module
+    docstring). Fails before any training on a bad head, hyperparameter, seed, device,
+    cache, split or output folder."""
+    seeds = check_seeds(spec.seeds)
+    cells, params = plan(spec)
+    bank = load_bank(spec.features, cells, allow_stale=spec.allow_stale)
+    cells = runnable(spec, cells, bank)
+    for message in (bank.base.describe_excluded(), describe_common_rows(bank, cells)):
+        if message:
+            note(message)
+    if (msg := describe_unused_labelled(bank.base)) is not None:
+        note(msg)
+    folds = splits_of(bank.base, spec.protocol)
+    name = cells[0].head if spec.command == "fuse" else "compare"
+    total = len(cells) * len(folds) * len(seeds)
+    with (
+        StagedRunDir(out, name) as run,
+        FitProgress(total, len(folds), quiet=quiet, desc=spec.command) as progress,
+    ):
+        runs = []
+        for cell in cells:
+            runs += fit_cell(spec, cell, bank, folds, seeds, run.path, progress, quiet)
+        results = write_run(run.path, spec, bank, cells, params, folds, seeds, runs)
+    from fuse.report import cells_table
+
+    return RunResult(run_dir=run.final, results=results, runs=runs, table=cells_table(results))
+
+
+def run_compare(*, out: str | Path = "runs", quiet: bool = False, **settings: Any) -> RunResult:
+    """`fusebench compare` from Python: settings as the flags (heads="all", features=...,
+    text="minilm,bert", image="vit,none", set=[...], sweep=[...], folds=5, seeds="42,43",
+    epochs=..., device=..., or protocol=StratifiedProtocol(...))."""
+    protocol = settings.pop("protocol", None)
+    if protocol is not None:
+        settings.update(protocol.to_dict())
+        settings.pop("inner_ratio")
+    defaults = {"heads": "all", "text": "minilm", "image": "vit", "seeds": "42,43,44"}
+    given = {"device": "auto", "class_weights": False, "allow_stale": False, **defaults}
+    given.update(settings)
+    spec = resolve_settings("compare", given, explicit=settings)
+    return run_grid(spec, out=out, quiet=quiet)
+
+
+def settings_yaml(spec: GridSpec) -> str:
+    """--print-config: the resolved settings (what config.yaml replays) and the cells they
+    make before any cache is read (the caches may still skip some), as YAML."""
+    cells, skipped, _ = spec.cells()
+    data = {
+        **spec.settings(),
+        "planned_cells": [c.id for c in cells],
+        "skipped_cells": {c.id: why for c, why in skipped},
+    }
+    return yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True)
+
+
+def plan(spec: GridSpec) -> tuple[list[Cell], dict[str, dict]]:
+    """The grid's cells (notes for those skipped or shared) and each cell's resolved
+    hyperparameters; builds every (head, variant) once, so a bad hyperparameter or device
+    fails before any cache is read."""
+    cells, skipped, shared = spec.cells()
+    _refuse_missing_heads(spec, cells, skipped)
+    params = {}
+    for cell in cells:
         head = build_head(
-            name,
-            overrides=(overrides or {}).get(name),
-            epochs=epochs,
-            device=device,
-            class_weights=class_weights,
+            cell.head,
+            overrides=cell.overrides,
+            epochs=spec.epochs,
+            device=spec.device,
+            class_weights=spec.class_weights,
         )
         if getattr(head, "kind", "") == "torch":
             from fuse.trainer import resolve_device
 
             resolve_device(head.train.device)
+        config = head.get_config()
+        params[cell.id] = dict(config["params"])
+        if "train" in config:  # torch heads: how they are trained
+            params[cell.id]["train"] = config["train"]
+    for message in [f"skipping {cell.id}: {why}" for cell, why in skipped] + shared:
+        note(message)  # only once every cell has passed its checks: an error stays one line
+    return cells, params
+
+
+def _refuse_missing_heads(
+    spec: GridSpec, cells: list[Cell], skipped: list[tuple[Cell, str]]
+) -> None:
+    """fuse: its one cell must run. compare: a head named in --heads (not 'all') that can
+    run in no cell is an error, not a note; so is a grid with no cell at all."""
+    if skipped and (spec.strict or not cells):
+        raise ValueError(skipped[0][1])
+    if spec.heads_all:
+        return
+    have = {c.head for c in cells}
+    for cell, why in skipped:
+        if cell.head not in have:
+            raise ValueError(why)
+
+
+def runnable(spec: GridSpec, cells: list[Cell], bank: FeatureBank) -> list[Cell]:
+    """The cells whose features the caches hold (tokens for token heads): the others are
+    skipped with one note each (fuse, or a head named in --heads with no cell left: error)."""
+    ok, skipped = [], []
+    for cell in cells:
+        cls = get_head(cell.head)
+        try:
+            check_inputs(
+                bank.cell_set(cell),
+                head=cell.head,
+                modalities=cls.modalities,
+                require=cls.require,
+                tokens=head_needs_tokens(cell.head, cell.overrides),
+            )
+        except ValueError as e:
+            skipped.append((cell, str(e)))
+            continue
+        ok.append(cell)
+    _refuse_missing_heads(spec, ok, skipped)
+    for cell, why in skipped:
+        note(f"skipping {cell.id}: {why}")
+    return ok
+
+
+def fit_cell(
+    spec: GridSpec,
+    cell: Cell,
+    bank: FeatureBank,
+    folds: Sequence[Fold],
+    seeds: Sequence[int],
+    run_dir: Path,
+    progress: FitProgress,
+    quiet: bool,
+) -> list[HeadRun]:
+    """One cell × folds × seeds, each fit's model saved to models/<slug>/seed<S>-fold<K>/."""
+
+    def save(seed: int, fold: int) -> Path:
+        return run_dir / "models" / cell.slug / f"seed{seed}-fold{fold}"
+
+    runs = evaluate_head(
+        cell.head,
+        bank.cell_set(cell),
+        folds,
+        seeds,
+        overrides=cell.overrides,
+        epochs=spec.epochs,
+        device=spec.device,
+        class_weights=spec.class_weights,
+        quiet=quiet,
+        progress=progress,
+        label=cell.id,
+        save=save,
+    )
+    for r in runs:
+        r.cell = cell.id
+        r.model_dir = Path(r.model_dir).relative_to(run_dir).as_posix()
+    return runs
+
+
+def splits_of(fs: FeatureSet, protocol: StratifiedProtocol) -> list[Fold]:
+    """protocol.splits(fs), with a note when a class of the cache has no row to learn from
+    (the scores still average over every class of the cache, as the cache defines them)."""
+    folds = protocol.splits(fs)
+    labelled = np.bincount(fs.label[fs.label >= 0], minlength=fs.n_classes)
+    if absent := [c for c, n in zip(fs.classes, labelled) if n == 0]:
+        note(
+            f"class(es) {', '.join(absent)} of the cache have no usable labelled row; "
+            "macro-F1 still averages over every class of the cache"
+        )
+    return folds
 
 
 def unused_labelled(fs: FeatureSet) -> dict[str, int]:
@@ -205,384 +443,163 @@ def describe_unused_labelled(fs: FeatureSet) -> str | None:
     )
 
 
-def load_for_heads(
-    features: str | Path,
-    heads: Sequence[str],
-    *,
-    text: str | None,
-    image: str | None,
-    overrides: dict[str, dict] | None = None,
-    skip_unusable: bool = False,
-    allow_stale: bool = False,
-) -> tuple[FeatureSet, list[str]]:
-    """Loads the FeatureSet once, with tokens only for modalities some head reads as tokens,
-    and checks every head can run on it. skip_unusable: drop (with a note) heads that cannot,
-    instead of failing — what `--heads all` wants. allow_stale: see load_feature_set."""
-    overrides = overrides or {}
-    tokens: set[str] = set()
-    for h in heads:
-        if head_needs_tokens(h, overrides.get(h)):
-            tokens |= set(get_head(h).modalities)
-    fs = load_feature_set(features, text=text, image=image, tokens=tokens, allow_stale=allow_stale)
-    if (msg := fs.describe_excluded()) is not None:
-        note(msg)
-    if (msg := describe_unused_labelled(fs)) is not None:
-        note(msg)
-    usable = []
-    for h in heads:
-        cls = get_head(h)
-        try:
-            check_inputs(
-                fs,
-                head=h,
-                modalities=cls.modalities,
-                require=cls.require,
-                tokens=head_needs_tokens(h, overrides.get(h)),
-            )
-        except ValueError as e:
-            if not skip_unusable:
-                raise
-            note(f"skipping {h}: {e}")
-            continue
-        usable.append(h)
-    if not usable:
-        raise ValueError("none of the heads can run on these features; see the notes above")
-    return fs, usable
+# ---------------------------------------------------------------- the run folder
 
 
-def evaluate_head(
-    name: str,
-    fs: FeatureSet,
-    folds: Sequence[Fold],
-    seeds: Sequence[int],
-    *,
-    overrides: dict | None = None,
-    epochs: int | None = None,
-    device: str | None = None,
-    class_weights: bool | None = None,
-    quiet: bool = True,
-    progress: FitProgress | None = None,
-) -> list[HeadRun]:
-    """Fits head `name` once per (seed, fold): on fold.fit, early-stopped on fold.inner_val,
-    then scores fold.scored — rows it has not seen before. The first run keeps its model.
-    progress: told when each fit starts and ends (its bar or log line); it also decides
-    whether the head's own epoch bar shows."""
-    runs: list[HeadRun] = []
-    if progress is not None:
-        quiet = quiet or progress.inner_quiet
-    for seed in seeds:
-        for fold in folds:
-            if progress is not None:
-                progress.start(name, seed, fold.index)
-            start = time.perf_counter()
-            head = build_head(
-                name,
-                seed=seed,
-                overrides=overrides,
-                epochs=epochs,
-                device=device,
-                class_weights=class_weights,
-            )
-            # torch heads label their epoch bar with the fit (head, seed, fold); the registry
-            # contract is fit(train, val, quiet=), so only heads that take `desc` get it
-            label = {"desc": progress.where} if progress is not None and _takes_desc(head) else {}
-            head.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet, **label)
-            scored = fs.take(fold.scored)
-            proba = head.predict_proba(scored)  # (n_scored, C)
-            metrics = score(scored.label, proba, fs.classes)
-            metrics.update(
-                seed=seed,
-                fold=fold.index,
-                train_time_s=float(head.train_time_),
-                n_params=int(head.n_params_),
-                best_iteration=head.best_iteration_,
-            )
-            runs.append(
-                HeadRun(
-                    name, seed, fold.index, metrics, fold.scored, proba, head if not runs else None
-                )
-            )
-            if progress is not None:
-                progress.finish(metrics["macro_f1"], time.perf_counter() - start)
-    return runs
-
-
-def _takes_desc(head: Any) -> bool:
-    return "desc" in inspect.signature(head.fit).parameters
-
-
-def run_fuse(
-    *,
-    head: str,
-    features: str | Path,
-    text: str | None = "minilm",
-    image: str | None = "vit",
-    protocol: StratifiedProtocol | None = None,
-    seeds: Sequence[int] = (42,),
-    epochs: int | None = None,
-    out: str | Path = "runs",
-    device: str = "auto",
-    class_weights: bool = False,
-    overrides: dict | None = None,
-    allow_stale: bool = False,
-    quiet: bool = False,
-) -> RunResult:
-    """One head × folds × seeds -> runs/<timestamp>-<head>/ with config.yaml, metrics.json,
-    model/ (for predict), val_predictions.csv and confusion.png."""
-    protocol = protocol or StratifiedProtocol()
-    (name,), _ = parse_heads([head])
-    seeds = check_seeds(seeds)
-    check_heads(
-        [name],
-        overrides={name: overrides},
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
-    )
-    fs, _ = load_for_heads(
-        features,
-        [name],
-        text=text,
-        image=image,
-        overrides={name: overrides or {}},
-        allow_stale=allow_stale,
-    )
-    folds = splits_of(fs, protocol)
-    with (
-        StagedRunDir(out, name) as run,
-        FitProgress(len(folds) * len(seeds), len(folds), quiet=quiet, desc=name) as progress,
-    ):
-        runs = evaluate_head(
-            name,
-            fs,
-            folds,
-            seeds,
-            overrides=overrides,
-            epochs=epochs,
-            device=device,
-            class_weights=class_weights,
-            quiet=quiet,
-            progress=progress,
-        )
-        summary = aggregate([r.metrics for r in runs], fs.classes)
-        model = runs[0].model
-        model.save(run.path / "model")
-        config = _run_config(
-            "fuse",
-            fs,
-            protocol,
-            seeds,
-            features=features,
-            text=text,
-            image=image,
-            epochs=epochs,
-            device=device,
-            class_weights=class_weights,
-            allow_stale=allow_stale,
-            folds=folds,
-            heads={
-                name: {
-                    "config": model.get_config(),
-                    "model_dir": "model",
-                    "seed": runs[0].seed,
-                    "fold": runs[0].fold,
-                }
-            },
-        )
-        _write_yaml(run.path / "config.yaml", config)
-        metrics = {
-            "head": name,
-            "protocol": protocol.describe(),
-            "classes": list(fs.classes),
-            "summary": summary,
-            "runs": [_run_record(r) for r in runs],
-        }
-        (run.path / "metrics.json").write_text(json.dumps(plain(metrics), indent=2))
-        write_csv(run.path / "val_predictions.csv", _predictions(runs, fs))
-        plot_confusion(
-            np.array(summary["confusion_matrix"]),
-            fs.classes,
-            run.path / "confusion.png",
-            f"{name}: {len(runs)} run(s), macro-F1 {summary['macro_f1']['mean']:.3f}",
-        )
-    table = format_table({name: summary})
-    return RunResult(run_dir=run.final, summaries={name: summary}, runs=runs, table=table)
-
-
-def run_compare(
-    *,
-    heads: str | Sequence[str] = "all",
-    features: str | Path,
-    text: str | None = "minilm",
-    image: str | None = "vit",
-    protocol: StratifiedProtocol | None = None,
-    seeds: Sequence[int] = (42, 43, 44),
-    epochs: int | None = None,
-    out: str | Path = "runs",
-    device: str = "auto",
-    class_weights: bool = False,
-    allow_stale: bool = False,
-    quiet: bool = False,
-) -> RunResult:
-    """Every head × fold × seed on one FeatureSet -> runs/<timestamp>-compare/ with
-    results.csv (ranked by macro-F1), runs.csv, results.json, scores.png,
-    confusion_grid.png, val_predictions.csv and models/<head>/ (first seed and fold)."""
-    protocol = protocol or StratifiedProtocol()
-    names, is_all = parse_heads(heads)
-    seeds = check_seeds(seeds)
-    check_heads(names, epochs=epochs, device=device, class_weights=class_weights)
-    fs, names = load_for_heads(
-        features, names, text=text, image=image, skip_unusable=is_all, allow_stale=allow_stale
-    )
-    folds = splits_of(fs, protocol)
-    all_runs: list[HeadRun] = []
-    summaries: dict[str, dict] = {}
-    models: dict[str, Any] = {}
-    with StagedRunDir(out, "compare") as run:
-        with FitProgress(
-            len(names) * len(folds) * len(seeds), len(folds), quiet=quiet, desc="compare"
-        ) as bar:
-            for name in names:
-                runs = evaluate_head(
-                    name,
-                    fs,
-                    folds,
-                    seeds,
-                    epochs=epochs,
-                    device=device,
-                    class_weights=class_weights,
-                    quiet=quiet,
-                    progress=bar,
-                )
-                summaries[name] = aggregate([r.metrics for r in runs], fs.classes)
-                models[name] = runs[0].model
-                all_runs += runs
-        _write_compare(
-            run.path,
-            fs,
-            protocol,
-            seeds,
-            folds,
-            summaries,
-            models,
-            all_runs,
-            features=features,
-            text=text,
-            image=image,
-            epochs=epochs,
-            device=device,
-            class_weights=class_weights,
-            allow_stale=allow_stale,
-        )
-    return RunResult(
-        run_dir=run.final, summaries=summaries, runs=all_runs, table=format_table(summaries)
-    )
-
-
-def _write_compare(
+def write_run(
     run_dir: Path,
-    fs: FeatureSet,
-    protocol: StratifiedProtocol,
-    seeds: Sequence[int],
+    spec: GridSpec,
+    bank: FeatureBank,
+    cells: Sequence[Cell],
+    params: dict[str, dict],
     folds: Sequence[Fold],
-    summaries: dict[str, dict],
-    models: dict[str, Any],
-    all_runs: list[HeadRun],
-    **options: Any,
-) -> None:
-    """A compare run's files: the models, config.yaml, results and plots."""
-    for name, model in models.items():
-        model.save(run_dir / "models" / name)
-    order = ranked(summaries)
-    config = _run_config(
-        "compare",
-        fs,
-        protocol,
-        seeds,
-        folds=folds,
-        heads={
-            n: {
-                "config": models[n].get_config(),
-                "model_dir": f"models/{n}",
-                "seed": seeds[0],
-                "fold": folds[0].index,
-            }
-            for n in order
-        },
-        **options,
-    )
-    config["best_head"] = order[0]
-    _write_yaml(run_dir / "config.yaml", config)
-    write_csv(run_dir / "results.csv", summary_rows(summaries))
-    write_csv(run_dir / "runs.csv", [_flat(r) for r in all_runs])
-    results = {
-        "protocol": protocol.describe(),
-        "classes": list(fs.classes),
-        "ranking": order,
-        "summary": {n: summaries[n] for n in order},
-        "runs": [_run_record(r) for r in all_runs],
-    }
-    (run_dir / "results.json").write_text(json.dumps(plain(results), indent=2))
-    write_csv(run_dir / "val_predictions.csv", _predictions(all_runs, fs))
-    plot_scores(summaries, run_dir / "scores.png")
-    plot_confusion_grid(
-        {n: np.array(summaries[n]["confusion_matrix"]) for n in order},
-        fs.classes,
-        run_dir / "confusion_grid.png",
-    )
-
-
-def splits_of(fs: FeatureSet, protocol: StratifiedProtocol) -> list[Fold]:
-    """protocol.splits(fs), with a note when a class of the cache has no row to learn from
-    (the scores still average over every class of the cache, as the cache defines them)."""
-    folds = protocol.splits(fs)
-    labelled = np.bincount(fs.label[fs.label >= 0], minlength=fs.n_classes)
-    if absent := [c for c, n in zip(fs.classes, labelled) if n == 0]:
-        note(
-            f"class(es) {', '.join(absent)} of the cache have no usable labelled row; "
-            "macro-F1 still averages over every class of the cache"
-        )
-    return folds
-
-
-def _run_config(
-    command: str,
-    fs: FeatureSet,
-    protocol: StratifiedProtocol,
     seeds: Sequence[int],
-    *,
-    features,
-    text,
-    image,
-    epochs,
-    device,
-    class_weights,
-    allow_stale,
-    folds: Sequence[Fold],
-    heads: dict,
+    runs: Sequence[HeadRun],
 ) -> dict:
-    """config.yaml: everything needed to understand the numbers and to `predict` with the run."""
+    """Every file of the run folder but the models (saved as they were fitted); returns the
+    results.json dict."""
+    fs = bank.base
+    write_csv(run_dir / "val_predictions.csv", prediction_rows(runs, fs))
+    results = results_of(spec.protocol, fs.classes, cells, runs)
+    config = run_config(spec, bank, cells, params, folds, seeds, runs, results["ranking"])
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    )
+    (run_dir / "results.json").write_text(json.dumps(plain(results), indent=2))
+    write_csv(run_dir / "results.csv", results_rows(results))
+    write_csv(run_dir / "runs.csv", [run_row(r, results["cells"][r.cell]) for r in runs])
+    from fuse.report import write_plots
+
+    write_plots(run_dir, results)
+    return results
+
+
+def results_of(
+    protocol: StratifiedProtocol,
+    classes: Sequence[str],
+    cells: Sequence[Cell],
+    runs: Sequence[HeadRun],
+) -> dict:
+    """results.json: per cell its summary over folds × seeds, ranked; every fit's record."""
+    out = {}
+    for cell in cells:
+        mine = [r for r in runs if r.cell == cell.id]
+        out[cell.id] = {
+            "text": cell.text,
+            "image": cell.image,
+            "head": cell.head,
+            "variant": cell.variant,
+            "n_params_meaning": mine[0].n_params_meaning,
+            "summary": aggregate([r.metrics for r in mine], classes),
+        }
+    ranking = sorted(out, key=lambda c: -out[c]["summary"]["macro_f1"]["mean"])  # stable
+    return plain(
+        {
+            "protocol": protocol.describe(),
+            "spread": SPREAD,
+            "classes": list(classes),
+            "ranking": ranking,
+            "cells": {c: out[c] for c in ranking},
+            "runs": [run_record(r) for r in runs],
+        }
+    )
+
+
+def run_record(r: HeadRun) -> dict:
+    """One fit in results.json: its scores, cost and per-epoch history ([] for non-torch)."""
+    m = r.metrics
+    keep = ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix")
+    return {
+        "cell": r.cell,
+        "seed": r.seed,
+        "fold": r.fold,
+        **{k: m[k] for k in keep},
+        "train_time_s": m["train_time_s"],
+        "n_params": m["n_params"],
+        "best_iteration": m["best_iteration"],
+        "history": r.history,
+    }
+
+
+def results_rows(results: dict) -> list[dict]:
+    """results.csv: one row per cell, ranked; mean and std over fits, std of the seed means."""
+    rows = []
+    for rank, cid in enumerate(results["ranking"], start=1):
+        cell = results["cells"][cid]
+        s = cell["summary"]
+        row = {"rank": rank, "cell": cid}
+        row.update({k: cell[k] or "none" for k in ("text", "image")})
+        row.update(head=cell["head"], variant=cell["variant"], runs=s["macro_f1"]["n"])
+        row["seeds"] = s["seed_means"]["macro_f1"]["n"]
+        for key in METRICS:
+            row[f"{key}_mean"] = round(s[key]["mean"], 6)
+            row[f"{key}_std"] = round(s[key]["std"], 6)
+            row[f"{key}_seed_std"] = round(s["seed_means"][key]["std"], 6)
+        row["train_time_s_mean"] = round(s["train_time_s"]["mean"], 4)
+        row["n_params_mean"] = round(s["n_params"]["mean"], 1)
+        row["n_params_meaning"] = cell["n_params_meaning"]
+        rows.append(row)
+    return rows
+
+
+def run_row(r: HeadRun, cell: dict) -> dict:
+    """runs.csv: one row per fit."""
+    m = r.metrics
+    return {
+        "cell": r.cell,
+        "text": cell["text"] or "none",
+        "image": cell["image"] or "none",
+        "head": r.head,
+        "variant": cell["variant"],
+        "seed": r.seed,
+        "fold": r.fold,
+        **{k: m[k] for k in METRICS},
+        "train_time_s": round(m["train_time_s"], 4),
+        "n_params": m["n_params"],
+        "best_iteration": m["best_iteration"],
+    }
+
+
+def prediction_rows(runs: Sequence[HeadRun], fs: FeatureSet) -> list[dict]:
+    """val_predictions.csv: every scored row of every fit, with each class's probability."""
+    rows = []
+    for r in runs:
+        pred = r.proba.argmax(axis=1)
+        for g, t, p, pr in zip(fs.guid[r.scored], fs.label[r.scored], pred, r.proba):
+            row = {"cell": r.cell, "seed": r.seed, "fold": r.fold, "guid": g}
+            row.update(true=fs.classes[t], pred=fs.classes[p])
+            row.update({f"p_{c}": round(float(v), 6) for c, v in zip(fs.classes, pr)})
+            rows.append(row)
+    return rows
+
+
+def run_config(
+    spec: GridSpec,
+    bank: FeatureBank,
+    cells: Sequence[Cell],
+    params: dict[str, dict],
+    folds: Sequence[Fold],
+    seeds: Sequence[int],
+    runs: Sequence[HeadRun],
+    ranking: Sequence[str],
+) -> dict:
+    """config.yaml: the replayable settings, then what the numbers were computed from."""
+    fs = bank.base
+    settings = spec.settings()
+    settings["heads"] = list(dict.fromkeys(c.head for c in cells))  # the heads that ran
+    settings["seeds"] = list(seeds)
     labelled = fs.label[(fs.split == "train") & (fs.label >= 0)]
     return plain(
         {
-            "command": command,
+            **settings,
             "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "features": str(Path(features).resolve()),
-            "text": text,
-            "image": image,
-            "caches": fs.sources,
-            "allow_stale": allow_stale,
+            "caches": bank.caches,
             # cache file -> how its data changed since extraction; {} = every cache was fresh
             "stale_caches": fs.stale,
             "classes": list(fs.classes),
-            "protocol": {**protocol.to_dict(), "description": protocol.describe()},
-            "seeds": list(seeds),
-            "epochs": epochs,
-            "device": device,
-            "class_weights": class_weights,
-            "heads": heads,
             "rows": {
                 "usable": len(fs),
+                "usable_in": "every cache of the run (all cells share these rows and folds)",
                 "labelled_train": len(labelled),
                 "labelled_unused": unused_labelled(fs),
                 "per_fold": [
@@ -593,44 +610,29 @@ def _run_config(
                     {"guid": e.guid, "split": e.split, "reason": e.reason} for e in fs.excluded
                 ],
             },
-            "saved_model": "each head's model fitted on the first seed and the first scored split "
-            "(the holdout under --val-ratio); predict refits nothing",
             "versions": versions(),
+            "cells": {c.id: cell_entry(c, params[c.id], runs) for c in cells},
+            "best_cell": ranking[0],
         }
     )
 
 
-def _run_record(r: HeadRun) -> dict:
-    rec = dict(r.metrics)
-    rec["head"] = r.head
-    if r.model is not None and getattr(r.model, "history_", None):
-        rec["history"] = r.model.history_
-    return rec
-
-
-def _flat(r: HeadRun) -> dict:
-    m = r.metrics
+def cell_entry(cell: Cell, params: dict, runs: Sequence[HeadRun]) -> dict:
     return {
-        "head": r.head,
-        "seed": r.seed,
-        "fold": r.fold,
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "weighted_f1": m["weighted_f1"],
-        "train_time_s": round(m["train_time_s"], 4),
-        "n_params": m["n_params"],
-        "best_iteration": m["best_iteration"],
+        "text": cell.text,
+        "image": cell.image,
+        "head": cell.head,
+        "variant": cell.variant,
+        "overrides": cell.overrides,
+        "params": params,
+        "fits": [
+            {
+                "seed": r.seed,
+                "fold": r.fold,
+                "model_dir": r.model_dir,
+                "best_iteration": r.metrics["best_iteration"],
+            }
+            for r in runs
+            if r.cell == cell.id
+        ],
     }
-
-
-def _predictions(runs: Sequence[HeadRun], fs: FeatureSet) -> list[dict]:
-    rows = []
-    for r in runs:
-        rows += prediction_rows(
-            r.head, r.seed, r.fold, fs.guid[r.scored], fs.label[r.scored], r.proba, fs.classes
-        )
-    return rows
-
-
-def _write_yaml(path: Path, data: dict) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

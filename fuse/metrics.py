@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "weighted_f1", "train_time_s", "n_params")
+SEED_KEYS = ("accuracy", "macro_f1", "weighted_f1")  # seed_means: the scores
 
 
 def score(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str]) -> dict:
@@ -53,9 +54,21 @@ def mean_std(values: Sequence[float]) -> dict:
     }
 
 
+def seed_means(runs: Sequence[dict]) -> dict:
+    """{metric: mean ± std of the per-seed means}: each seed's score averaged over its folds
+    first, so std is the spread a reader comparing two heads needs (seed to seed), not the
+    fold-to-fold variation the pooled std also holds. n = the number of seeds."""
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
+    return {
+        k: mean_std([np.mean([r[k] for r in runs if r["seed"] == s]) for s in seeds])
+        for k in SEED_KEYS
+    }
+
+
 def aggregate(runs: Sequence[dict], classes: Sequence[str]) -> dict:
-    """mean ± std of every summary metric and per-class P/R/F1 over runs (seeds × folds);
-    the confusion matrices are summed."""
+    """mean ± std of every summary metric and per-class P/R/F1 over runs (seeds × folds),
+    the confusion matrices summed (over the same runs), and `seed_means` (see seed_means)
+    when the runs carry their seed."""
     out = {k: mean_std([r[k] for r in runs]) for k in SUMMARY_KEYS}
     out["per_class"] = {
         c: {
@@ -64,4 +77,6 @@ def aggregate(runs: Sequence[dict], classes: Sequence[str]) -> dict:
         for c in classes
     }
     out["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
+    if all("seed" in r for r in runs):
+        out["seed_means"] = seed_means(runs)
     return out

@@ -1,31 +1,66 @@
-"""`predict`: the saved model of a run, applied to the caches the run recorded. Refits nothing.
+"""`predict`: a cell of a finished run folder applied to the caches the run recorded.
 
-Output: a CSV file (written with the csv module, so a guid holding a comma or a quote is
-quoted) with the header `guid,tag`, then one line per guid of the requested split, in the
-cache's order (for lab5 that is test_without_label.txt's order).
+Which model labels the rows (`mode`):
 
-A head predicts every row that has the features IT reads: a text_only head labels a row
-whose image failed. A row the head cannot predict (its features failed in the cache, are
-inf/NaN, or its guid is held by two usable rows) keeps its line with an EMPTY tag — never a
-stand-in class — and is counted and named, with the reason, on stderr. The file is written
-under `<out>.tmp` and renamed when complete, so `out` is never half-written.
+    ensemble  (default) every fit of the cell — each fold × each model seed — loaded from
+              RUN/models/<cell-slug>/seed<S>-fold<K>/; their class probabilities are averaged.
+    refit     the cell trained again on ALL labelled training rows, one model per run seed,
+              probabilities averaged. No inner split is left for early stopping, so the number
+              of epochs (torch heads) or boosting rounds (LightGBM) is the median of the CV
+              fits' best iterations. Saved under RUN/refit/<cell-slug>/seed<S>/ with
+              refit.json (rows, iterations, a digest of the training data); a later --refit
+              reuses them unless that training data changed.
+    fold0     the first fit only (first seed, first fold), for comparison.
+
+The cell: --cell CELL_ID, or --head NAME when one cell of the run has that head, or by
+default config.yaml's best_cell (best mean macro-F1).
+
+Output: a CSV file (csv module, so a guid holding a comma or a quote is quoted) with the header
+`guid,tag` (plus `p_<class>` per class with proba=True), then one line per guid of the
+requested split, in the cache's order (for lab5 that is test_without_label.txt's order).
+A head predicts every row that has the features IT reads: a text_only head labels a row whose
+image failed. A row the head cannot predict (its features failed in the cache, are inf/NaN,
+or its guid is held by two usable rows) keeps its line with an EMPTY tag (and empty
+probabilities) — never a stand-in class — and is counted and named, with the reason, on
+stderr. The file is written under `<out>.tmp` and renamed when complete.
+
+Each prediction appends a record to RUN/predictions.json (out, split, cell, mode, the model
+folders used, created), rewritten atomically under a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
+import hashlib
 import json
+import os
+import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from fuse._util import STAGING, OutputError, few, note, os_error_line, write_atomic
-from fuse.features import MODALITIES, load_feature_set
+from fuse._util import (
+    STAGING,
+    OutputError,
+    deep_merge,
+    few,
+    note,
+    os_error_line,
+    plain,
+    write_atomic,
+)
+from fuse.features import MODALITIES, FeatureSet, load_feature_set
+from fuse.grid import cell_slug
 
 UNPREDICTED = ""  # the tag of a row the head has no features for
+MODES = ("ensemble", "refit", "fold0")
+RECORDS = "predictions.json"  # in the run folder: which models each predict used
 
 
 class RunFolderError(ValueError):
@@ -35,9 +70,12 @@ class RunFolderError(ValueError):
 @dataclass
 class PredictionReport:
     out: Path
-    head: str
+    cell: str
+    mode: str
     n_rows: int
+    model_dirs: list[str]  # relative to the run folder
     unpredicted: dict[str, str] = field(default_factory=dict)  # guid -> why it has no tag
+    refit: dict | None = None  # refit.json of a refit prediction
 
 
 def _damaged(run: Path, what: str) -> RunFolderError:
@@ -45,6 +83,9 @@ def _damaged(run: Path, what: str) -> RunFolderError:
         f"run folder {run} is damaged: {what}; rerun the `fusebench fuse` or `compare` "
         "command that made it"
     )
+
+
+# ---------------------------------------------------------------- the run folder
 
 
 def load_run_config(run: str | Path) -> dict:
@@ -69,27 +110,36 @@ def load_run_config(run: str | Path) -> dict:
         raise _damaged(run, f"config.yaml does not parse ({what})") from None
     if not isinstance(config, dict):
         raise _damaged(run, f"config.yaml holds {type(config).__name__}, not a mapping")
+    if "cells" not in config and isinstance(config.get("heads"), dict):
+        raise RunFolderError(
+            f"{run} was written by an older fusebench (config.yaml has no cells); rerun its "
+            "`fusebench fuse` or `compare` command to get a run folder predict can use"
+        )
     _check_config(run, config)
     return config
 
 
 def _check_config(run: Path, config: dict) -> None:
-    def need(key: str, ok: bool, what: str) -> None:
+    def need(key: str, ok: Any, what: str) -> None:
         if not ok:
             raise _damaged(run, f"config.yaml has no valid '{key}' ({what})")
 
-    heads = config.get("heads")
-    need("heads", isinstance(heads, dict) and bool(heads), "a mapping head -> model")
-    for name, entry in heads.items():
-        need(
-            f"heads.{name}.model_dir",
-            isinstance(entry, dict) and isinstance(entry.get("model_dir"), str),
-            "a folder name",
-        )
+    cells = config.get("cells")
+    need("cells", isinstance(cells, dict) and bool(cells), "a mapping cell -> its fits")
+    for cid, cell in cells.items():
+        need(f"cells.{cid}", isinstance(cell, dict) and isinstance(cell.get("head"), str), "a head")
+        need(f"cells.{cid}.params", isinstance(cell.get("params"), dict), "its hyperparameters")
+        fits = cell.get("fits")
+        need(f"cells.{cid}.fits", isinstance(fits, list) and bool(fits), "a list of fits")
+        for fit in fits:
+            need(
+                f"cells.{cid}.fits",
+                isinstance(fit, dict) and isinstance(fit.get("model_dir"), str),
+                "each with a model_dir",
+            )
+        for m in MODALITIES:
+            need(f"cells.{cid}.{m}", isinstance(cell.get(m), (str, type(None))), "encoder or null")
     need("features", isinstance(config.get("features"), str), "the cache folder")
-    for m in MODALITIES:
-        need(m, isinstance(config.get(m), (str, type(None))), "an encoder name or null")
-    need("text", config.get("text") or config.get("image"), "text or image must be set")
     classes = config.get("classes")
     need(
         "classes",
@@ -97,11 +147,57 @@ def _check_config(run: Path, config: dict) -> None:
         "a list of class names",
     )
     caches = config.get("caches")
-    need("caches", isinstance(caches, dict), "a mapping modality -> cache")
-    for m, src in caches.items():
-        need(f"caches.{m}", isinstance(src, dict) and "fingerprint" in src, "with a fingerprint")
-    best = config.get("best_head")
-    need("best_head", best is None or best in heads, "one of the heads")
+    need("caches", isinstance(caches, dict), "a mapping encoder -> cache")
+    for enc, src in caches.items():
+        need(f"caches.{enc}", isinstance(src, dict) and "fingerprint" in src, "with a fingerprint")
+    seeds = config.get("seeds")
+    need("seeds", isinstance(seeds, list) and bool(seeds), "the model seeds")
+    need("best_cell", config.get("best_cell") in (None, *cells), "one of the cells")
+
+
+def pick_cell(run: Path, config: dict, *, cell: str | None = None, head: str | None = None) -> str:
+    """The CELL_ID to predict with: --cell, else the one cell with --head, else best_cell
+    (predict_run says so when the run has other cells)."""
+    cells = config["cells"]
+    if cell is not None and head is not None:
+        raise ValueError("give either --cell or --head, not both")
+    if cell is not None:
+        if cell not in cells:
+            raise ValueError(f"run {run} has no cell '{cell}'; its cells: {few(list(cells), 8)}")
+        return cell
+    if head is not None:
+        matches = [c for c, v in cells.items() if v["head"] == head]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            heads = sorted({v["head"] for v in cells.values()})
+            raise ValueError(
+                f"run {run} has no cell with head '{head}'; its heads: {', '.join(heads)}"
+            )
+        raise ValueError(
+            f"run {run} has {len(matches)} cells with head '{head}'; pick one with --cell: "
+            + few(matches, 8)
+        )
+    return config.get("best_cell") or next(iter(cells))
+
+
+def _encoder(cell: dict, modality: str) -> str | None:
+    enc = cell.get(modality)
+    return None if enc in (None, "", "none") else enc
+
+
+def fit_dirs(run: Path, config: dict, cell_id: str, *, first_only: bool = False) -> list[Path]:
+    """The model folders of a cell's fits (every fold × seed), or of the first fit only: the
+    first run seed on fold 0."""
+    fits = config["cells"][cell_id]["fits"]
+    if first_only:
+        seed0 = config["seeds"][0]
+        first = [f for f in fits if f.get("seed") == seed0 and f.get("fold") == 0]
+        fits = first[:1] or fits[:1]
+    return [run / f["model_dir"] for f in fits]
+
+
+# ---------------------------------------------------------------- models
 
 
 def load_head(folder: str | Path, *, device: str = "auto") -> Any:
@@ -136,89 +232,287 @@ def load_head(folder: str | Path, *, device: str = "auto") -> Any:
     )
 
 
-def predict_run(
-    run: str | Path,
+def load_models(run: Path, dirs: list[Path], classes: list[str], *, device: str) -> list[Any]:
+    """Every model in `dirs`; all must have the run's classes and read the same inputs."""
+    models = [load_head(d, device=device) for d in dirs]
+    for d, m in zip(dirs, models):
+        if list(m.classes_) != classes:
+            raise _damaged(run, f"the model in {d} has other classes than config.yaml")
+        if tuple(m.modalities_) != tuple(models[0].modalities_):
+            raise _damaged(run, f"the models of one cell read different inputs ({d})")
+    return models
+
+
+def average_proba(models: list[Any], rows: FeatureSet) -> np.ndarray:
+    """(n, C) class probabilities averaged over `models` (a soft vote)."""
+    return np.mean([m.predict_proba(rows) for m in models], axis=0)
+
+
+# ---------------------------------------------------------------- features
+
+
+def load_cell_features(
+    run: Path,
+    config: dict,
+    cell_id: str,
+    model: Any,
     *,
-    split: str = "test",
-    out: str | Path = "predictions.txt",
-    head: str | None = None,
-    features: str | Path | None = None,
-    device: str = "auto",
-    allow_stale: bool = False,
-) -> PredictionReport:
-    """Writes `guid,tag` lines for every `split` guid of the run's caches to `out`; rows the
-    head cannot predict get an empty tag (see the module docstring).
-
-    head: which head of a compare run (default: its best by macro-F1); features: where the
-    caches are now, when the folder recorded in the run has moved; allow_stale: predict from
-    a cache whose dataset changed since extraction (see load_feature_set)."""
-    run = Path(run)
-    out = Path(out)
-    config = load_run_config(run)
-    heads = config["heads"]
-    if head is None:
-        head = config.get("best_head") or next(iter(heads))
-        if len(heads) > 1:
-            note(
-                f"using head '{head}' (best macro-F1 of this compare run); pick another with --head"
-            )
-    elif head not in heads:
-        raise ValueError(f"run {run} has no model for head '{head}'; it has: {', '.join(heads)}")
-    model = load_head(run / heads[head]["model_dir"], device=device)
-    classes = list(config["classes"])
-    if list(model.classes_) != classes:
-        raise _damaged(run, f"the model of head '{head}' has other classes than config.yaml")
+    features: str | Path | None,
+    allow_stale: bool,
+) -> FeatureSet:
+    """The rows of the caches the cell was trained on, with only what `model` reads (a text
+    head ignores failed images); refuses a cache other than the run's."""
+    cell = config["cells"][cell_id]
     reads = tuple(model.modalities_)
-    if any(config.get(m) is None for m in reads):
-        raise _damaged(run, f"head '{head}' reads {' and '.join(reads)}, config.yaml lacks one")
-    _check_writable(out)
-
+    encoders = {m: _encoder(cell, m) for m in reads}
+    if any(e is None for e in encoders.values()):
+        raise _damaged(run, f"cell '{cell_id}' reads {' and '.join(reads)}, its config lacks one")
     if features is None and not Path(config["features"]).is_dir():
         raise FileNotFoundError(
             f"the run's cache folder {config['features']} is gone; pass --features with the "
             "folder where those caches are now"
         )
-    fs = load_feature_set(  # only what this head reads: a text head ignores failed images
+    fs = load_feature_set(
         features or config["features"],
-        text=config["text"] if "text" in reads else None,
-        image=config["image"] if "image" in reads else None,
+        text=encoders.get("text"),
+        image=encoders.get("image"),
         tokens=reads if model.needs_tokens else False,
         allow_stale=allow_stale,
     )
-    for modality in reads:
-        recorded = config["caches"].get(modality, {}).get("fingerprint")
-        if fs.sources[modality]["fingerprint"] != recorded:
+    for m, enc in encoders.items():
+        src = config["caches"].get(enc) or config["caches"].get(m) or {}
+        if fs.sources[m]["fingerprint"] != src.get("fingerprint"):
             raise ValueError(
-                f"{fs.sources[modality]['path']} is not the cache run {run.name} was trained on "
-                "(its fingerprint changed since); predict with that cache, or train a new run on this one"
+                f"{fs.sources[m]['path']} is not the cache run {run.name} was trained on (its "
+                "fingerprint changed since); predict with that cache, or train a new run on this one"
             )
-    if list(fs.classes) != classes:
+    if list(fs.classes) != list(config["classes"]):
         raise ValueError(
             f"the cache's classes ({', '.join(fs.classes)}) are not the run's "
-            f"({', '.join(classes)}); predict with the cache the run was trained on"
+            f"({', '.join(config['classes'])}); predict with the cache the run was trained on"
         )
+    return fs
+
+
+def labelled_rows(fs: FeatureSet) -> np.ndarray:
+    """Every labelled row of split "train" the cell can read: what a refit learns from."""
+    return np.flatnonzero((fs.split == "train") & (fs.label >= 0))
+
+
+def training_digest(fs: FeatureSet, rows: np.ndarray) -> str:
+    """sha256 of what a refit trains on: guids, labels and pooled features of `rows` (a
+    re-extracted cache changes its pooled vectors along with its tokens)."""
+    h = hashlib.sha256()
+    h.update("\0".join(map(str, fs.guid[rows])).encode())
+    h.update(np.ascontiguousarray(fs.label[rows], dtype=np.int64).tobytes())
+    for m in fs.modalities:
+        h.update(np.ascontiguousarray(fs.modality(m).pooled(rows)).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- refit
+
+
+def refit_plan(config: dict, cell_id: str, fs: FeatureSet) -> dict:
+    """What a refit of the cell trains: rows, seeds, the cell's resolved hyperparameters
+    (config.yaml `params`) and the iteration count: the median of the CV fits' best
+    iterations, for heads that stop early (torch: epochs; LightGBM: boosting rounds)."""
+    cell = config["cells"][cell_id]
+    rows = labelled_rows(fs)
+    probe = _build(cell["head"], cell["params"], {}, seed=0, device=None)
+    best = [f.get("best_iteration") for f in cell["fits"]]
+    best = [int(b) for b in best if isinstance(b, (int, float)) and b > 0]
+    median = int(np.ceil(np.median(best))) if best else None
+    iterations: dict[str, int] = {}
+    if median is not None and getattr(probe, "kind", "") == "torch":
+        iterations = {"epochs": median}
+    elif median is not None and hasattr(probe, "early_stopping_rounds"):
+        iterations = {"n_estimators": median}  # boosting rounds
+    return {
+        "cell": cell_id,
+        "head": cell["head"],
+        "params": cell["params"],
+        "seeds": list(config["seeds"]),
+        "iterations": iterations,
+        "cv_best_iterations": best,
+        "n_rows": int(len(rows)),
+        "training_digest": training_digest(fs, rows),
+    }
+
+
+def _build(head: str, params: dict, iterations: dict, *, seed: int, device: str | None) -> Any:
+    """An unfitted head from resolved hyperparameters, with `iterations` (epochs of a torch
+    head, or a hyperparameter such as n_estimators) put in."""
+    from fuse.registry import get_head
+
+    extra = {k: v for k, v in iterations.items() if k != "epochs"}
+    return get_head(head).from_config(
+        deep_merge(params, extra), seed=seed, epochs=iterations.get("epochs"), device=device
+    )
+
+
+def refit_cell(
+    run: Path,
+    plan: dict,
+    fs: FeatureSet,
+    *,
+    device: str,
+    quiet: bool,
+) -> tuple[list[Path], list[Any], bool]:
+    """(model folders, models, reused): the refit models of the plan's cell, trained on every
+    labelled row and saved under RUN/refit/<slug>/, or the saved ones when refit.json matches
+    the plan (same training data, hyperparameters and seeds)."""
+    folder = run / "refit" / cell_slug(plan["cell"])
+    dirs = [folder / f"seed{s}" for s in plan["seeds"]]
+    saved = _saved_plan(folder)
+    if saved is not None and {**saved, "created": None} == {**_json_round(plan), "created": None}:
+        with contextlib.suppress(ValueError):
+            return dirs, [load_head(d, device=device) for d in dirs], True
+    its = ", ".join(f"{k}={v}" for k, v in plan["iterations"].items())
+    how = (
+        f"{its} (median best of {len(plan['cv_best_iterations'])} CV fits)"
+        if its
+        else "no early stopping to replace"
+    )
+    note(
+        f"refitting '{plan['cell']}' on all {plan['n_rows']} labelled rows, "
+        f"{len(plan['seeds'])} seed(s), {how}"
+    )
+    train = fs.take(labelled_rows(fs))
+    quiet = quiet or not sys.stderr.isatty()  # epoch bars are redrawn: terminals only
+    models = []
+    for seed in plan["seeds"]:
+        head = _build(plan["head"], plan["params"], plan["iterations"], seed=seed, device=device)
+        models.append(head.fit(train, None, quiet=quiet))
+    _save_refit(folder, plan, models)
+    return dirs, models, False
+
+
+def _json_round(obj: Any) -> Any:
+    """obj as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(plain(obj)))
+
+
+def _saved_plan(folder: Path) -> dict | None:
+    try:
+        saved = json.loads((folder / "refit.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _save_refit(folder: Path, plan: dict, models: list[Any]) -> None:
+    """Writes the models and refit.json into a staging folder, then swaps it in."""
+    stage = folder.with_name(f"{folder.name}.{os.getpid()}{STAGING}")
+    old = folder.with_name(f"{folder.name}.{os.getpid()}.old")
+    try:
+        shutil.rmtree(stage, ignore_errors=True)
+        for seed, model in zip(plan["seeds"], models):
+            model.save(stage / f"seed{seed}")
+        created = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        (stage / "refit.json").write_text(json.dumps(plain({**plan, "created": created}), indent=2))
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(stage, folder)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise OutputError(
+            f"cannot save the refit models in {folder}: " + os_error_line(e), e.errno
+        ) from None
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict_run(
+    run: str | Path,
+    *,
+    split: str = "test",
+    out: str | Path = "predictions.txt",
+    cell: str | None = None,
+    head: str | None = None,
+    mode: str = "ensemble",
+    proba: bool = False,
+    features: str | Path | None = None,
+    device: str = "auto",
+    allow_stale: bool = False,
+    quiet: bool = True,
+) -> PredictionReport:
+    """Writes `guid,tag` lines (plus p_<class> columns with proba) for every `split` guid of
+    the run's caches to `out`, and records the models used in RUN/predictions.json.
+
+    mode: ensemble | refit | fold0 (module docstring); cell / head: which cell (default the
+    run's best); features: where the caches are now, when the recorded folder has moved;
+    allow_stale: predict from a cache whose dataset changed since extraction."""
+    if mode not in MODES:
+        raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
+    run, out = Path(run), Path(out)
+    config = load_run_config(run)
+    cell_id = pick_cell(run, config, cell=cell, head=head)
+    classes = list(config["classes"])
+    dirs = fit_dirs(run, config, cell_id, first_only=mode != "ensemble")  # refit: what it reads
+    models = load_models(run, dirs, classes, device=device)
+    _check_writable(out)
+    fs = load_cell_features(
+        run, config, cell_id, models[0], features=features, allow_stale=allow_stale
+    )
     order = fs.cache_order(split)
     if len(order) == 0:
         raise ValueError(
             f"the cache has no rows with split '{split}'; splits present: "
             f"{', '.join(sorted(set(fs.all_split)))} (pick one with --split)"
         )
+    refit = None
+    if mode == "refit":
+        plan = refit_plan(config, cell_id, fs)
+        dirs, models, reused = refit_cell(run, plan, fs, device=device, quiet=quiet)
+        refit = {**plan, "reused": reused}
     rows = fs.rows_of_split(split)
-    proba = model.predict_proba(fs.take(rows))  # (n, C)
-    tags = dict(zip(fs.guid[rows], (classes[k] for k in proba.argmax(axis=1))))
+    p = average_proba(models, fs.take(rows))  # (n, C)
+    probs = dict(zip(fs.guid[rows], p))
     why = {e.guid: e.reason for e in fs.excluded}
-    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in tags}
+    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
     if unpredicted:
+        reads = " and ".join(models[0].modalities_)
         note(
-            f"{len(unpredicted)} of {len(order)} {split} row(s) have no usable "
-            f"{' and '.join(reads)} features for head '{head}' and are left with an EMPTY tag "
-            f"in {out}: " + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
+            f"{len(unpredicted)} of {len(order)} {split} row(s) have no usable {reads} features "
+            f"for cell '{cell_id}' and are left with an EMPTY tag in {out}: "
+            + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
         )
+    write_predictions(out, order, probs, classes, proba=proba)
+    if cell is None and head is None and len(config["cells"]) > 1:
+        note(f"used cell '{cell_id}' (best mean macro-F1 of this run); pick another with --cell")
+    report = PredictionReport(
+        out=out,
+        cell=cell_id,
+        mode=mode,
+        n_rows=len(order),
+        model_dirs=[_relative(d, run) for d in dirs],
+        unpredicted=unpredicted,
+        refit=refit,
+    )
+    record_prediction(run, report, split=split, proba=proba)
+    return report
+
+
+def write_predictions(
+    out: Path, order: np.ndarray, probs: dict[str, np.ndarray], classes: list[str], *, proba: bool
+) -> None:
+    """guid,tag[,p_<class>...] lines for `order`; a guid without probabilities gets empty
+    fields. Written atomically (see write_atomic)."""
+
+    def line(g: str) -> list[str]:
+        p = probs.get(g)
+        if p is None:
+            return [g, UNPREDICTED] + ([""] * len(classes) if proba else [])
+        return [g, classes[int(np.argmax(p))]] + ([f"{x:.6f}" for x in p] if proba else [])
 
     def write(fh) -> None:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["guid", "tag"])
-        writer.writerows((g, tags.get(g, UNPREDICTED)) for g in order)
+        writer.writerow(["guid", "tag"] + ([f"p_{c}" for c in classes] if proba else []))
+        writer.writerows(line(g) for g in order)
 
     try:
         write_atomic(out, write)
@@ -226,7 +520,68 @@ def predict_run(
         raise OutputError(
             "cannot write the predictions: " + os_error_line(e, option="--out"), e.errno
         ) from None
-    return PredictionReport(out=out, head=head, n_rows=len(order), unpredicted=unpredicted)
+
+
+def record_prediction(run: Path, report: PredictionReport, *, split: str, proba: bool) -> None:
+    """Appends what this prediction used to RUN/predictions.json (a JSON list), under a lock
+    so two predicts at once both land. A run folder that cannot be written keeps the
+    predictions and says so."""
+    record = {
+        "out": str(report.out.resolve()),
+        "split": split,
+        "cell": report.cell,
+        "mode": report.mode,
+        "model_dirs": report.model_dirs,
+        "n_rows": report.n_rows,
+        "n_unpredicted": len(report.unpredicted),
+        "proba": proba,
+        "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if report.refit is not None:
+        keep = ("n_rows", "iterations", "cv_best_iterations", "reused")
+        record["refit"] = {k: report.refit[k] for k in keep}
+    path = run / RECORDS
+    try:
+        with _locked(run / ".predictions.lock"):
+            records = _read_records(path)
+            records.append(plain(record))
+            write_atomic(path, lambda fh: json.dump(records, fh, indent=2))
+    except OSError as e:
+        note(f"predictions written, but not recorded in {path}: {os_error_line(e)}")
+
+
+def _read_records(path: Path) -> list:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (ValueError, UnicodeDecodeError):
+        note(f"{path} was damaged; starting a new list of prediction records")
+        return []
+    return records if isinstance(records, list) else []
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive POSIX record lock on `path` for the block (no lock where fcntl is absent)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _relative(path: Path, run: Path) -> str:
+    try:
+        return str(path.relative_to(run))
+    except ValueError:
+        return str(path)
 
 
 def _check_writable(out: Path) -> None:

@@ -7,8 +7,8 @@ parts, all stratified by label:
     inner_val  a slice of the rest (inner_ratio) for early stopping and model selection
     fit        everything else: what the head learns from
 
-Split seeds are fixed (42 unless asked otherwise, the common lab protocol), so every head and
-every model seed is scored on the same rows; model seeds only change the model.
+Split seeds are fixed (42 unless --split-seed says otherwise, the common lab protocol), so
+every cell and every model seed is scored on the same rows; model seeds only change the model.
 """
 
 from __future__ import annotations
@@ -50,11 +50,22 @@ class StratifiedProtocol:
     inner_ratio: float = 0.1  # share of the training part held out for early stopping
 
     def __post_init__(self) -> None:
+        seed = self.split_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(
+                f"--split-seed must be a whole number from 0 to {2**32 - 1}, not {seed!r}"
+            )
         if self.folds is not None:
+            if isinstance(self.folds, bool) or not isinstance(self.folds, int):
+                raise ValueError(f"--folds must be a whole number, not {self.folds!r}")
             if self.folds < 2:
                 raise ValueError(f"--folds must be at least 2, not {self.folds}")
             object.__setattr__(self, "val_ratio", None)  # folds win over the default ratio
-        elif self.val_ratio is None or not 0 < self.val_ratio < 1:
+        elif (
+            isinstance(self.val_ratio, bool)
+            or not isinstance(self.val_ratio, (int, float))
+            or not 0 < self.val_ratio < 1
+        ):
             raise ValueError(f"--val-ratio must be between 0 and 1, not {self.val_ratio}")
         if not 0 < self.inner_ratio < 1:
             raise ValueError(f"inner_ratio must be between 0 and 1, not {self.inner_ratio}")
@@ -116,7 +127,7 @@ class StratifiedProtocol:
                 train_part,
                 test_size=self.inner_ratio,
                 stratify=y[train_part],
-                random_state=self.split_seed + k,
+                random_state=(self.split_seed + k) % 2**32,
             )
             folds.append(
                 Fold(

@@ -20,8 +20,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!#.,?'@"
-WORDS = ["happy", "sad", "great", "awful", "cat", "dog", "sunny", "rain", "love", "hate",
-         "the", "a", "day", "night", "so", "very", "meh", "okay", "#fun", "@you"]
+WORDS = [
+    "happy",
+    "sad",
+    "great",
+    "awful",
+    "cat",
+    "dog",
+    "sunny",
+    "rain",
+    "love",
+    "hate",
+    "the",
+    "a",
+    "day",
+    "night",
+    "so",
+    "very",
+    "meh",
+    "okay",
+    "#fun",
+    "@you",
+]
 
 
 def _save_bert(folder: Path) -> Path:
@@ -57,15 +77,38 @@ def _save_clip(folder: Path) -> Path:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
     tok = T.CLIPTokenizer(vocab=vocab, merges=[])
-    text = T.CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
-                            eos_token_id=1, pad_token_id=1, projection_dim=16, **TINY)
+    text = T.CLIPTextConfig(
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+        **TINY,
+    )
     vision = T.CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16, **TINY)
-    cfg = T.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    cfg = T.CLIPConfig(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16
+    )
     torch.manual_seed(0)
     T.CLIPModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    T.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    T.CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread than on a contended pool (CI boxes are shared);
+    a module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +137,9 @@ def make_lab5(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 0) -> 
         guid = str(100 + i)
         n_words = rnd.choice([1, 2, 3, 5, 8, 13, 20])
         (root / "data" / f"{guid}.txt").write_text(" ".join(rnd.choices(WORDS, k=n_words)) + "\n")
-        write_image(root / "data" / f"{guid}.jpg", seed=i, size=(rnd.randint(30, 60), rnd.randint(30, 60)))
+        write_image(
+            root / "data" / f"{guid}.jpg", seed=i, size=(rnd.randint(30, 60), rnd.randint(30, 60))
+        )
         if i < n_train:
             rows["train"].append(f"{guid},{labels[i % 3]}")
         else:

@@ -84,7 +84,9 @@ def hf_text(path: Path, kind: str):
 
 def token_lengths(path: Path, kind: str, texts: list[str]) -> list[int]:
     tok, _ = hf_text(path, kind)
-    return [len(ids) for ids in tok(texts, truncation=True, max_length=MAX_LENGTH[kind])["input_ids"]]
+    return [
+        len(ids) for ids in tok(texts, truncation=True, max_length=MAX_LENGTH[kind])["input_ids"]
+    ]
 
 
 @torch.no_grad()
@@ -146,7 +148,10 @@ def make_bad_lab5(root: Path) -> Path:
     (data / "304.jpg").write_text("hello, I am not a picture\n")
     (data / "305.txt").write_text("  \n\t\n")
     (data / "308.txt").write_bytes(b"caf\xe9 \x93quoted\x94\r\n")
-    for name, rows in (("train.txt", BAD_CORPUS_TRAIN), ("test_without_label.txt", BAD_CORPUS_TEST)):
+    for name, rows in (
+        ("train.txt", BAD_CORPUS_TRAIN),
+        ("test_without_label.txt", BAD_CORPUS_TEST),
+    ):
         (root / name).write_text("guid,tag\n" + "".join(f"{g},{t}\n" for g, t in rows))
     return root
 
@@ -164,7 +169,9 @@ def bad_clip(tmp_path_factory, tiny_models):
 
 
 @pytest.mark.parametrize("name", ["vit", "bert", "clip"])
-def test_tiny_checkpoint_through_cli_writes_design_shapes_and_attrs(name, tiny_models, lab5, tmp_path):
+def test_tiny_checkpoint_through_cli_writes_design_shapes_and_attrs(
+    name, tiny_models, lab5, tmp_path
+):
     path = tiny_models[name]
     out = tmp_path / "features"
     result = run_extract(lab5, out, name, path)  # default --workers: real DataLoader workers
@@ -254,11 +261,19 @@ def assert_clip_matches_model_embeds(path: Path, ds, store: FeatureStore) -> Non
         with Image.open(s.image_path) as im:
             pixels = processor(images=[im.convert("RGB")], return_tensors="pt")["pixel_values"]
         out = model(**ids, pixel_values=pixels)
-        assert_f16_close(store.text.pooled["pooled"][r], out.text_embeds[0], f"text_embeds {s.guid}")
-        assert_f16_close(store.image.pooled["pooled"][r], out.image_embeds[0], f"image_embeds {s.guid}")
+        assert_f16_close(
+            store.text.pooled["pooled"][r], out.text_embeds[0], f"text_embeds {s.guid}"
+        )
+        assert_f16_close(
+            store.image.pooled["pooled"][r], out.image_embeds[0], f"image_embeds {s.guid}"
+        )
         n = ids["input_ids"].shape[1]
-        assert_f16_close(store.text.tokens[r, :n], out.text_model_output.last_hidden_state[0], "text tokens")
-        assert_f16_close(store.image.tokens[r], out.vision_model_output.last_hidden_state[0], "image tokens")
+        assert_f16_close(
+            store.text.tokens[r, :n], out.text_model_output.last_hidden_state[0], "text tokens"
+        )
+        assert_f16_close(
+            store.image.tokens[r], out.vision_model_output.last_hidden_state[0], "image tokens"
+        )
 
 
 # ---------------------------------------------------------------- c. batching changes nothing
@@ -267,8 +282,9 @@ def assert_clip_matches_model_embeds(path: Path, ds, store: FeatureStore) -> Non
 @pytest.mark.parametrize("name", ["bert", "clip"])
 def test_batched_sorted_padded_rows_equal_single_sample_forward(name, tiny_models, lab5, tmp_path):
     path = tiny_models[name]
-    report = extract(lab5, name, out=tmp_path / "f", model=str(path), batch_size=4,
-                     num_workers=0, quiet=True)
+    report = extract(
+        lab5, name, out=tmp_path / "f", model=str(path), batch_size=4, num_workers=0, quiet=True
+    )
     ds = load_dataset(lab5)
     texts = [s.text for s in ds.samples]
     lengths = token_lengths(path, name, texts)
@@ -322,7 +338,9 @@ def test_bad_samples_are_reported_by_guid_in_error_log_and_skipped(bad_clip):
     assert phrase in next(e[2] for e in store.errors if e[0] == guid)
     # the good rows hold real features in both modalities; failed ones nothing
     good = store.status == OK
-    assert store.text.mask[good].any(axis=1).all() and store.image.tokens[good].any(axis=(1, 2)).all()
+    assert (
+        store.text.mask[good].any(axis=1).all() and store.image.tokens[good].any(axis=(1, 2)).all()
+    )
     assert not store.image.tokens[~good].any() and not store.image.pooled["pooled"][~good].any()
 
 
@@ -550,12 +568,22 @@ def test_unknown_encoder_exits_2_listing_valid_names(lab5, tmp_path):
     assert {"vit", "bert", "clip", "minilm"} <= set(list_encoders())
 
 
-def test_precision_bf16_autocast_is_recorded_and_changes_only_the_low_bits(tiny_models, lab5, tmp_path):
+def test_precision_bf16_autocast_is_recorded_and_changes_only_the_low_bits(
+    tiny_models, lab5, tmp_path
+):
     stores = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        rep = extract(lab5, "bert", model=str(tiny_models["bert"]), out=out, precision=precision,
-                      device="cpu", quiet=True, num_workers=0)
+        rep = extract(
+            lab5,
+            "bert",
+            model=str(tiny_models["bert"]),
+            out=out,
+            precision=precision,
+            device="cpu",
+            quiet=True,
+            num_workers=0,
+        )
         stores[precision] = FeatureStore.open(rep.path)
     assert stores["fp32"].config["precision"] == "fp32"
     assert stores["bf16"].config["precision"] == "bf16-autocast"

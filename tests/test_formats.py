@@ -441,7 +441,7 @@ def test_extract_and_fuse_on_parquet_with_embedded_images(tmp_path: Path, tiny_m
             "--image", "vit", "--epochs", 2, "--out", runs, "--quiet"]  # fmt: skip
     code, output = cli(*fuse)
     assert code == 0, output
-    assert (next(runs.iterdir()) / "metrics.json").is_file()
+    assert (next(runs.iterdir()) / "results.json").is_file()
 
     rows = rows_of(labels)
     rows[3]["image"] = png(99)  # the data changes after extraction

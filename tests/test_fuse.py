@@ -35,15 +35,7 @@ SMALL = {
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny heads run faster on one thread than on a contended pool (CI boxes are shared)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- synthetic caches
@@ -465,17 +457,21 @@ def test_fuse_then_predict_writes_guid_tag_in_cache_order(tmp_path):
     assert "left out 2 of 280 cache rows" in r.stderr
     run_dir = one_run_dir(tmp_path / "runs")
     assert run_dir.name.endswith("-concat_mlp")
+    model = "models/syn_syn_concat_mlp/seed42-fold0"  # the contract: models/<slug>/seedS-foldK
     for name in (
         "config.yaml",
-        "metrics.json",
+        "results.json",
+        "results.csv",
+        "runs.csv",
         "val_predictions.csv",
         "confusion.png",
-        "model/head.json",
-        "model/state.pt",
+        f"{model}/head.json",
+        f"{model}/state.pt",
     ):
         assert (run_dir / name).stat().st_size > 0, name
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["summary"]["macro_f1"]["mean"] > 0.8
+    metrics = json.loads((run_dir / "results.json").read_text())
+    assert metrics["ranking"] == ["syn+syn/concat_mlp"]
+    assert metrics["cells"]["syn+syn/concat_mlp"]["summary"]["macro_f1"]["mean"] > 0.8
     with open(run_dir / "val_predictions.csv") as fh:
         val = list(csv.DictReader(fh))
     assert len(val) == metrics["runs"][0]["per_class"]["negative"]["support"] + sum(
@@ -541,17 +537,20 @@ def test_compare_ranks_heads_and_writes_results(tmp_path):
         "concat_mlp",
     }
     assert all(row["runs"] == "4" and float(row["macro_f1_std"]) >= 0 for row in results)
-    table = [line.split()[0] for line in r.stdout.splitlines()[2:5]]
+    table = [line.split()[3] for line in r.stdout.splitlines()[2:5]]  # rank, text, image, head
     assert table == [row["head"] for row in results]  # stdout table in the same (ranked) order
     assert "±" in r.stdout
     saved = json.loads((run_dir / "results.json").read_text())
-    assert len(saved["runs"]) == 3 * 2 * 2 and saved["ranking"] == table
+    assert len(saved["runs"]) == 3 * 2 * 2
+    assert saved["ranking"] == [row["cell"] for row in results]
+    assert [saved["cells"][c]["head"] for c in saved["ranking"]] == table
     for name in (
         "scores.png",
-        "confusion_grid.png",
+        "confusion.png",
         "runs.csv",
         "config.yaml",
-        "models/logreg/model.joblib",
+        "models/txt_img_logreg/seed1-fold0/model.joblib",
+        "models/txt_img_logreg/seed2-fold1/model.joblib",
     ):
         assert (run_dir / name).stat().st_size > 0, name
     out = tmp_path / "pred.txt"
@@ -582,7 +581,9 @@ def test_compare_all_skips_heads_the_features_cannot_feed(tmp_path):
         "--quiet",
     )
     assert r.exit_code == 0, r.output
-    assert "skipping cross_attn: head 'cross_attn' needs text tokens" in " ".join(r.stderr.split())
+    assert "skipping syn+syn/cross_attn: head 'cross_attn' needs text tokens" in " ".join(
+        r.stderr.split()
+    )
     assert "cross_attn" not in r.stdout and "logreg" in r.stdout
 
 
@@ -698,8 +699,20 @@ def test_labelled_rows_outside_train_are_named_not_silently_unused(tmp_path):
     write(tmp_path / "feats" / "syn.h5", data)
     result = runner.invoke(
         app,
-        ["fuse", "--head", "logreg", "--features", str(tmp_path / "feats"), "--text", "syn",
-         "--image", "syn", "--out", str(tmp_path / "runs"), "--quiet"],
+        [
+            "fuse",
+            "--head",
+            "logreg",
+            "--features",
+            str(tmp_path / "feats"),
+            "--text",
+            "syn",
+            "--image",
+            "syn",
+            "--out",
+            str(tmp_path / "runs"),
+            "--quiet",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "12 in split 'val'" in result.output

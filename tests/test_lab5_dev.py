@@ -22,8 +22,19 @@ def _index(name: str) -> list[tuple[str, str]]:
 
 
 def test_extract_minilm_on_lab5_dev(tmp_path):
-    res = CliRunner().invoke(app, ["extract", "--encoder", "minilm", "--data", str(LAB5_DEV),
-                                   "--out", str(tmp_path), "--quiet"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "extract",
+            "--encoder",
+            "minilm",
+            "--data",
+            str(LAB5_DEV),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     store = FeatureStore.open(tmp_path / "lab5-dev" / "minilm.h5")
 
@@ -33,7 +44,7 @@ def test_extract_minilm_on_lab5_dev(tmp_path):
     assert list(store.split) == ["train"] * len(train) + ["test"] * len(test)
     names = store.classes
     assert [names[y] for y in store.label[: len(train)]] == [t for _, t in train]
-    assert (store.label[len(train):] == -1).all()
+    assert (store.label[len(train) :] == -1).all()
     assert store.ok().all()
 
     t = store.text

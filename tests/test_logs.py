@@ -20,7 +20,7 @@ from tests.conftest import make_lab5
 
 REPO = Path(__file__).resolve().parents[1]
 FIT_LINE = re.compile(
-    r"^fit (\d+)/(\d+): (\w+) seed (\d+) (fold \d+/\d+|holdout): macro-F1 [01]\.\d{4}, \d+\.\ds$"
+    r"^fit (\d+)/(\d+): (\S+) seed (\d+) (fold \d+/\d+|holdout): macro-F1 [01]\.\d{4}, \d+\.\ds$"
 )
 
 
@@ -95,9 +95,9 @@ def test_compare_to_a_file_writes_one_line_per_fit_and_no_redraws(tiny_cache, tm
     assert "\r" not in log and "\x1b[" not in log  # no bar redraws, no cursor moves
     fits = fit_lines(log)
     assert len(fits) == 2 * 3 * 2  # heads x folds x seeds, each exactly once
-    assert {(m[3], m[4], m[5]) for m in fits} == {
+    assert {(m[3], m[4], m[5]) for m in fits} == {  # the fit's cell: text+image/head
         (h, s, f"fold {k}/3")
-        for h in ("concat_mlp", "logreg")
+        for h in ("syn+syn/concat_mlp", "syn+syn/logreg")
         for s in ("1", "2")
         for k in (1, 2, 3)
     }
@@ -124,7 +124,7 @@ def test_fuse_to_a_file_writes_one_line_per_fit_and_quiet_silences_them(tiny_cac
     code, log = run_logged(args, tmp_path)
     assert code == 0, log
     assert "\r" not in log
-    assert [(m[3], m[4], m[5]) for m in fit_lines(log)] == [("logreg", "7", "holdout")]
+    assert [(m[3], m[4], m[5]) for m in fit_lines(log)] == [("syn+syn/logreg", "7", "holdout")]
     code, log = run_logged([*args, "--quiet"], tmp_path)
     assert code == 0, log
     assert fit_lines(log) == [] and "run folder:" in log

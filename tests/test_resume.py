@@ -40,7 +40,11 @@ def _run(args: list[str], delay: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-c", SLOW_CLI.format(delay=delay), *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -55,10 +59,18 @@ def _journalled_rows(folder: Path) -> int:
 def _features(path: Path) -> dict[str, bytes]:
     out = {}
     with h5py.File(path, "r") as f:
+
         def visit(name, obj):
-            if isinstance(obj, h5py.Dataset) and name.split("/")[0] in ("text", "image", "status",
-                                                                          "guid", "label", "split"):
+            if isinstance(obj, h5py.Dataset) and name.split("/")[0] in (
+                "text",
+                "image",
+                "status",
+                "guid",
+                "label",
+                "split",
+            ):
                 out[name] = obj[()].tobytes() if obj.dtype.kind != "O" else repr(obj[()]).encode()
+
         f.visititems(visit)
     return out
 
@@ -66,8 +78,20 @@ def _features(path: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("encoder", ["clip"])
 def test_sigkill_then_rerun_resumes_without_redoing_and_matches(tmp_path, tiny_models, encoder):
     data = make_lab5(tmp_path / "lab5-kill", n_train=40, n_test=8)
-    common = ["extract", "--encoder", encoder, "--model", str(tiny_models[encoder]),
-              "--data", str(data), "--batch-size", "3", "--workers", "0", "--quiet"]
+    common = [
+        "extract",
+        "--encoder",
+        encoder,
+        "--model",
+        str(tiny_models[encoder]),
+        "--data",
+        str(data),
+        "--batch-size",
+        "3",
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     final = tmp_path / "killed" / "lab5-kill" / f"{encoder}.h5"
     parts = parts_dir(final)
 
@@ -78,7 +102,9 @@ def test_sigkill_then_rerun_resumes_without_redoing_and_matches(tmp_path, tiny_m
     # Run, and SIGKILL once a few batches are journalled.
     victim = _run([*common, "--out", str(tmp_path / "killed")], delay=0.2)
     deadline = time.monotonic() + 60
-    while len(list(parts.glob("*.npz"))) < 6 and victim.poll() is None and time.monotonic() < deadline:
+    while (
+        len(list(parts.glob("*.npz"))) < 6 and victim.poll() is None and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     # A second writer meanwhile is refused while the first runs.
     second = _run([*common, "--out", str(tmp_path / "killed")])
@@ -129,8 +155,20 @@ cli.main()
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True)
     assert p.returncode == -signal.SIGKILL
     assert not final.exists() and temp_path(final).exists() and parts_dir(final).exists()
-    rerun = _run(["extract", "--encoder", "bert", "--model", str(tiny_models["bert"]),
-                  "--data", str(data), "--out", str(out), "--quiet"])
+    rerun = _run(
+        [
+            "extract",
+            "--encoder",
+            "bert",
+            "--model",
+            str(tiny_models["bert"]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     stdout, stderr = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, stderr
     assert "computed 0 rows, reused 12" in stdout

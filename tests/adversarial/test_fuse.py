@@ -27,14 +27,7 @@ from tests.conftest import write_image
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_cache(
@@ -119,6 +112,20 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def one_cell(run: Path) -> tuple[dict, dict]:
+    """results.json of a `fuse` run (a grid of one cell) and that cell's summary."""
+    results = json.loads((run / "results.json").read_text())
+    (cell,) = results["ranking"]
+    return results, results["cells"][cell]["summary"]
+
+
+def first_model(run: Path) -> Path:
+    """The folder of a run's first fit (config.yaml: cells -> fits -> model_dir)."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    cell = config["cells"][config["best_cell"]]
+    return run / cell["fits"][0]["model_dir"]
+
+
 # ---------------------------------------------------------------- 1. exactly the data's classes
 
 
@@ -135,7 +142,7 @@ def test_two_class_macro_f1_equals_sklearn_over_saved_predictions(tmp_path):
     r = fuse_cli(tmp_path / "f", tmp_path / "runs", "--folds", 3, "--seeds", "1,2", head="gated")
     assert r.exit_code == 0, r.output
     (run,) = run_dirs(tmp_path / "runs")
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics, summary = one_cell(run)
     rows = read_csv(run / "val_predictions.csv")
     assert {k for k in rows[0] if k.startswith("p_")} == {"p_negative", "p_positive"}
     per_run = []
@@ -148,7 +155,7 @@ def test_two_class_macro_f1_equals_sklearn_over_saved_predictions(tmp_path):
         assert np.array(rec["confusion_matrix"]).shape == (2, 2)
         per_run.append(f1)
     assert len(per_run) == 6 and len(set(per_run)) > 1  # a case where a wrong average would show
-    assert metrics["summary"]["macro_f1"]["mean"] == pytest.approx(np.mean(per_run), abs=1e-12)
+    assert summary["macro_f1"]["mean"] == pytest.approx(np.mean(per_run), abs=1e-12)
     assert metrics["classes"] == list(classes)
     assert yaml.safe_load((run / "config.yaml").read_text())["classes"] == list(classes)
 
@@ -175,7 +182,7 @@ def test_extract_then_fuse_on_a_two_class_dataset_scores_over_two_classes(tmp_pa
     )
     assert r.exit_code == 0, r.output
     (run,) = run_dirs(tmp_path / "runs")
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics, _ = one_cell(run)
     assert metrics["classes"] == ["negative", "positive"]
     rows = read_csv(run / "val_predictions.csv")
     f1 = f1_score([x["true"] for x in rows], [x["pred"] for x in rows],
@@ -192,7 +199,7 @@ def test_four_classes_with_other_names_flow_through_compare_and_predict(tmp_path
     (run,) = run_dirs(tmp_path / "runs")
     results = json.loads((run / "results.json").read_text())
     assert results["classes"] == list(classes)
-    assert all(set(s["per_class"]) == set(classes) for s in results["summary"].values())
+    assert all(set(c["summary"]["per_class"]) == set(classes) for c in results["cells"].values())
     assert "fallback_class" not in yaml.safe_load((run / "config.yaml").read_text())
     out = tmp_path / "pred.csv"
     r = invoke("predict", "--run", run, "--out", out, "--head", "logreg")
@@ -346,7 +353,7 @@ def test_a_run_is_written_under_tmp_and_renamed_when_finished(tmp_path, monkeypa
     r = fuse_cli(tmp_path / "f", tmp_path / "runs")
     assert r.exit_code == 0, r.output
     (run,) = run_dirs(tmp_path / "runs")
-    assert seen == [run.name + ".tmp"] and (run / "val_predictions.csv").exists()
+    assert set(seen) == {run.name + ".tmp"} and (run / "val_predictions.csv").exists()
     tmp_run = tmp_path / "runs" / (run.name + "-x.tmp")
     shutil.copytree(run, tmp_run)  # what a killed run leaves: predict will not use it
     line = one_line_error(invoke("predict", "--run", tmp_run, "--out", tmp_path / "p.csv"))
@@ -429,14 +436,14 @@ DAMAGE = {
     "config a list": lambda run: (run / "config.yaml").write_text("- a\n- b\n"),
     "config not yaml": lambda run: (run / "config.yaml").write_bytes(b"heads: [\x00\xff"),
     "config without heads": lambda run: (run / "config.yaml").write_text("features: x\n"),
-    "model dir missing": lambda run: shutil.rmtree(run / "model"),
-    "head.json garbage": lambda run: (run / "model" / "head.json").write_text("{not json"),
-    "head.json without keys": lambda run: (run / "model" / "head.json").write_text(
+    "model dir missing": lambda run: shutil.rmtree(first_model(run)),
+    "head.json garbage": lambda run: (first_model(run) / "head.json").write_text("{not json"),
+    "head.json without keys": lambda run: (first_model(run) / "head.json").write_text(
         '{"kind": "torch"}'
     ),
-    "state.pt truncated": lambda run: _truncate(run / "model" / "state.pt"),
-    "state.pt missing": lambda run: (run / "model" / "state.pt").unlink(),
-    "model.joblib truncated": lambda run: _truncate(run / "model" / "model.joblib"),
+    "state.pt truncated": lambda run: _truncate(first_model(run) / "state.pt"),
+    "state.pt missing": lambda run: (first_model(run) / "state.pt").unlink(),
+    "model.joblib truncated": lambda run: _truncate(first_model(run) / "model.joblib"),
 }
 
 
@@ -505,7 +512,8 @@ def test_inf_and_nan_features_never_reach_a_head(tmp_path):
     (run,) = run_dirs(tmp_path / "runs")
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert {e["guid"] for e in config["rows"]["excluded"]} == {"g003", "g007", "g065"}
-    metrics = json.loads((run / "metrics.json").read_text())
+    metrics, _ = one_cell(run)
+    assert metrics["runs"][0]["history"]  # every torch fit keeps its per-epoch history
     assert all(np.isfinite(h["train_loss"]) for h in metrics["runs"][0]["history"])
     out = tmp_path / "pred.csv"
     r = invoke("predict", "--run", run, "--out", out)
@@ -533,8 +541,8 @@ def test_a_seed_given_twice_counts_once(tmp_path):
     assert r.exit_code == 0, r.output
     assert "repeats a seed" in r.stderr
     (run,) = run_dirs(tmp_path / "runs")
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert len(metrics["runs"]) == 1 and metrics["summary"]["macro_f1"]["n"] == 1
+    metrics, summary = one_cell(run)
+    assert len(metrics["runs"]) == 1 and summary["macro_f1"]["n"] == 1
 
 
 BAD_FLAGS = {

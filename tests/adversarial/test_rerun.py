@@ -23,7 +23,9 @@ runner = CliRunner()
 
 def run(data: Path, out: Path, model: Path, *extra: str):
     args = ["extract", "--encoder", "bert", "--model", str(model), "--data", str(data)]
-    return runner.invoke(app, [*args, "--out", str(out), "--workers", "0", "--batch-size", "4", *extra])
+    return runner.invoke(
+        app, [*args, "--out", str(out), "--workers", "0", "--batch-size", "4", *extra]
+    )
 
 
 @pytest.fixture

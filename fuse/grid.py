@@ -1,0 +1,693 @@
+"""The grid of an experiment: which cells run, with which settings, on which rows.
+
+A cell is (text encoder, image encoder, head, variant). Its id is what it READS:
+    f"{text or 'none'}+{image or 'none'}/{head}" + (f"@{variant}" if variant else "")
+so text_only on (minilm, vit) and on (minilm, none) are one cell, `minilm+none/text_only`, run
+once. A variant is one assignment of the --sweep values of that head ("dim=128",
+"dim=128,train.lr=3e-4"); "" means the head's YAML plus --set.
+
+--set / --sweep syntax (also in `fusebench compare --help`):
+    --set HEAD.KEY=VALUE        one head's hyperparameter (KEY may be nested: train.lr)
+    --set KEY=VALUE             every head of the grid whose YAML has KEY (fuse: its one head)
+    --sweep HEAD.KEY=V1,V2,...  one cell per value (several --sweep of a head: every combination)
+    --sweep KEY=V1,V2           the same, for every head whose YAML has KEY
+A --sweep value wins over a --set of the same key. Values are YAML scalars (128, 3e-4, true).
+
+Settings come from the command line, from a run's config.yaml (`--config`, replay), or the
+command's defaults, in that order of precedence (`resolve_settings`).
+
+Caches: `load_bank` opens every cache file of the grid ONCE and keeps only the rows usable in
+EVERY loaded cache, so each cell is fitted and scored on the same rows, hence the same folds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from fuse._util import deep_merge, few, note
+from fuse.features import (
+    MODALITIES,
+    Excluded,
+    FeatureMismatchError,
+    FeatureSet,
+    Modality,
+    load_feature_set,
+)
+from fuse.protocol import StratifiedProtocol
+from fuse.registry import get_head, head_needs_tokens, list_heads, resolve_params
+
+NONE = "none"  # how an absent encoder is written: --image none, cell ids, config.yaml lists
+
+
+# ---------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (text, image, head, variant) of the grid; text / image are what the head reads."""
+
+    text: str | None
+    image: str | None
+    head: str
+    variant: str = ""
+    overrides: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def id(self) -> str:
+        pair = f"{self.text or NONE}+{self.image or NONE}/{self.head}"
+        return pair + (f"@{self.variant}" if self.variant else "")
+
+    @property
+    def slug(self) -> str:
+        return cell_slug(self.id)
+
+    def encoder(self, modality: str) -> str | None:
+        return {"text": self.text, "image": self.image}[modality]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if self.encoder(m) is not None)
+
+
+def cell_slug(cell_id: str) -> str:
+    """A cell's folder name: every character outside [A-Za-z0-9_.=-] becomes "_"."""
+    return re.sub(r"[^A-Za-z0-9_.=-]", "_", cell_id)
+
+
+def reads(head: str, text: str | None, image: str | None) -> tuple[str | None, str | None]:
+    """The encoders head `head` reads from the pair: text_only ignores the image encoder."""
+    mods = get_head(head).modalities
+    return (text if "text" in mods else None, image if "image" in mods else None)
+
+
+def cannot_run(head: str, text: str | None, image: str | None) -> str | None:
+    """Why `head` cannot run on the pair it reads (None when it can), in the words of
+    fuse.features.check_inputs."""
+    cls = get_head(head)
+    present = [m for m, e in (("text", text), ("image", image)) if e is not None]
+    missing = [m for m in cls.modalities if m not in present]
+    if cls.require == "all" and missing:
+        return (
+            f"head '{head}' needs {' and '.join(cls.modalities)} features, but none for "
+            f"{missing[0]} were given; pass --{missing[0]} ENCODER"
+        )
+    if not present:
+        return f"head '{head}' needs {' or '.join(cls.modalities)} features; pass --text or --image"
+    return None
+
+
+# ---------------------------------------------------------------- --set / --sweep
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """HEAD.KEY=VALUE(S) from --set / --sweep or a config.yaml; head None = every head with KEY."""
+
+    head: str | None
+    path: tuple[str, ...]  # ("dim",) or ("train", "lr")
+    value: Any  # a value (--set) or a list of values (--sweep)
+    flag: str = "--set"  # where it came from, for messages
+    text: str = ""  # as the user wrote it
+
+    @property
+    def key(self) -> str:
+        return ".".join(self.path)
+
+
+def parse_assignment(pair: str, flag: str = "--set") -> Assignment:
+    """'cross_attn.dim=128' / 'train.lr=3e-4' (--set) or 'cross_attn.dim=128,256' (--sweep)."""
+    example = "cross_attn.dim=128 or train.lr=3e-4" + (",1e-3" if flag == "--sweep" else "")
+    key, sep, raw = pair.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts) or (flag == "--sweep" and not raw.strip()):
+        raise ValueError(f"{flag} wants [HEAD.]KEY=VALUE (e.g. {example}), got {pair!r}")
+    head = parts[0] if parts[0] in list_heads() else None
+    path = tuple(parts[1:] if head else parts)
+    if not path:
+        raise ValueError(f"{flag} {pair!r} names head '{head}' but no key; e.g. {example}")
+    if flag == "--sweep":
+        values = [_scalar(v, pair, flag) for v in raw.split(",") if v.strip()]
+        return Assignment(head, path, list(dict.fromkeys(values)), flag, pair)
+    return Assignment(head, path, _scalar(raw, pair, flag), flag, pair)
+
+
+def _scalar(raw: str, pair: str, flag: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ValueError(
+            f"{flag} {pair!r}: {raw!r} is not a value (a number, true/false, or text)"
+        ) from None
+
+
+def _has_key(params: dict, path: Sequence[str]) -> bool:
+    node: Any = params
+    for p in path[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+    return isinstance(node, dict) and path[-1] in node
+
+
+def targets(a: Assignment, heads: Sequence[str], *, strict: bool = True) -> list[str]:
+    """The heads of the grid `a` applies to. A prefixed head outside the grid is an error
+    (strict, the user's flag) or nothing (a replayed config's entry for a dropped head)."""
+    if a.head is not None:
+        if a.head in heads:
+            return [a.head]
+        if strict:
+            raise ValueError(
+                f"{a.flag} {a.text or a.key!r} is for head '{a.head}', which is not in this run "
+                f"(heads: {', '.join(heads)})"
+            )
+        return []
+    if len(heads) == 1:  # fuse: the one head, whose own check names a bad key
+        return list(heads)
+    hit = [h for h in heads if _has_key(resolve_params(h), a.path)]
+    if not hit and strict:
+        raise ValueError(
+            f"{a.flag} {a.text or a.key!r}: no head of this run has '{a.key}' "
+            f"(heads: {', '.join(heads)}); prefix the head, e.g. {heads[0]}.{a.key}=..."
+        )
+    return hit
+
+
+def nest(path: Sequence[str], value: Any) -> dict:
+    """("train", "lr"), 3e-4 -> {"train": {"lr": 3e-4}}."""
+    out: Any = value
+    for p in reversed(path):
+        out = {p: out}
+    return out
+
+
+def resolve_set(assignments: Iterable[Assignment], heads: Sequence[str]) -> dict[str, dict]:
+    """head -> nested overrides; later assignments win."""
+    out: dict[str, dict] = {}
+    for a in assignments:
+        for h in targets(a, heads, strict=a.flag == "--set"):
+            current = out.get(h, {})
+            node = current
+            for p in a.path[:-1]:  # `--set train=5 --set train.lr=1` must not nest into 5
+                if p in node and not isinstance(node[p], dict):
+                    raise ValueError(f"--set {a.text!r}: {p} was already set to a value")
+                node = node.get(p, {})
+            out[h] = deep_merge(current, nest(a.path, a.value))
+    return out
+
+
+def resolve_sweep(assignments: Iterable[Assignment], heads: Sequence[str]) -> dict[str, list]:
+    """{"head.key": values}, in the order given; a later sweep of the same key replaces it."""
+    out: dict[str, list] = {}
+    for a in assignments:
+        if not a.value:
+            raise ValueError(f"--sweep {a.text or a.key!r} gives no values")
+        for h in targets(a, heads, strict=a.flag == "--sweep"):
+            out[f"{h}.{a.key}"] = list(a.value)
+    return out
+
+
+def fmt_value(v: Any) -> str:
+    """A sweep value as it appears in a variant name: 128, 0.001, 3e-4, true."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "null" if v is None else str(v)
+
+
+def variants(head: str, sweep: dict[str, list]) -> list[tuple[str, dict]]:
+    """(variant name, nested overrides) for every combination of `head`'s sweeps; [("", {})]
+    when it has none."""
+    mine = [(k.split(".", 1)[1], vals) for k, vals in sweep.items() if k.split(".", 1)[0] == head]
+    if not mine:
+        return [("", {})]
+    out = []
+    for combo in itertools.product(*(vals for _, vals in mine)):
+        name = ",".join(f"{key}={fmt_value(v)}" for (key, _), v in zip(mine, combo))
+        over: dict = {}
+        for (key, _), v in zip(mine, combo):
+            over = deep_merge(over, nest(key.split("."), v))
+        out.append((name, over))
+    return out
+
+
+# ---------------------------------------------------------------- settings (and replay)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The resolved settings of a `fuse` or `compare` run: what config.yaml replays."""
+
+    command: str  # "fuse" | "compare"
+    features: Path
+    text: tuple[str | None, ...]
+    image: tuple[str | None, ...]
+    heads: tuple[str, ...]
+    protocol: StratifiedProtocol
+    seeds: tuple[int, ...]
+    set: dict[str, dict] = field(default_factory=dict)  # head -> overrides
+    sweep: dict[str, list] = field(default_factory=dict)  # "head.key" -> values
+    epochs: int | None = None
+    device: str = "auto"
+    class_weights: bool = False
+    allow_stale: bool = False
+    heads_all: bool = False  # --heads all: heads that cannot run anywhere are skipped
+
+    @property
+    def strict(self) -> bool:
+        """fuse: a cell that cannot run is an error, not a skipped cell."""
+        return self.command == "fuse"
+
+    def settings(self) -> dict:
+        """The replayable part of config.yaml (and what --print-config shows)."""
+        return {
+            "command": self.command,
+            "features": str(Path(self.features).resolve()),
+            "text": [e or NONE for e in self.text],
+            "image": [e or NONE for e in self.image],
+            "heads": list(self.heads),
+            "set": self.set,
+            "sweep": self.sweep,
+            "protocol": {**self.protocol.to_dict(), "description": self.protocol.describe()},
+            "seeds": list(self.seeds),
+            "epochs": self.epochs,
+            "device": self.device,
+            "class_weights": self.class_weights,
+            "allow_stale": self.allow_stale,
+        }
+
+    def cells(self) -> tuple[list[Cell], list[tuple[Cell, str]], list[str]]:
+        """(cells, skipped, notes): the cells to run, each once, in grid order (text, image,
+        head, variant); the cells that cannot run on their encoders, with why (a fusion head
+        with image 'none'); a note per cell that several encoder pairs share (text_only reads
+        no image: one cell for every image encoder)."""
+        cells: dict[str, Cell] = {}
+        skipped: dict[str, tuple[Cell, str]] = {}
+        pairs: dict[str, set] = {}
+        for text, image, head in itertools.product(self.text, self.image, self.heads):
+            if text is None and image is None:  # --text a,none --image b,none: no features
+                continue
+            t, i = reads(head, text, image)
+            for name, over in variants(head, self.sweep):
+                cell = Cell(t, i, head, name, deep_merge(self.set.get(head, {}), over))
+                if (why := cannot_run(head, t, i)) is not None:
+                    skipped.setdefault(cell.id, (cell, why))
+                    continue
+                cells.setdefault(cell.id, cell)
+                pairs.setdefault(cell.id, set()).add((text, image))
+        notes = [
+            f"{cid} reads only {' and '.join(cells[cid].modalities)}: one cell for "
+            f"{len(p)} encoder pairs (run once)"
+            for cid, p in pairs.items()
+            if len(p) > 1
+        ]
+        return list(cells.values()), list(skipped.values()), notes
+
+
+MAX_SEED = 2**32 - 1  # numpy, torch, scikit-learn and LightGBM all take 0 .. 2**32 - 1
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    """The model seeds, each once, in the given order; a seed given twice is counted once
+    (with a note) — it would only repeat the same numbers and shrink the reported std."""
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= MAX_SEED:
+            raise ValueError(
+                f"seed {s!r} is not a whole number from 0 to {MAX_SEED}; pass e.g. --seeds 42,43,44"
+            )
+    unique = list(dict.fromkeys(int(s) for s in seeds))
+    if not unique:
+        raise ValueError("no model seeds given; pass e.g. --seeds 42 or --seeds 42,43,44")
+    if len(unique) < len(seeds):
+        note(
+            f"--seeds repeats a seed; each is used once: {','.join(map(str, unique))} "
+            "(the same seed gives the same numbers)"
+        )
+    return unique
+
+
+def parse_heads(spec: str | Sequence[str]) -> tuple[list[str], bool]:
+    """'all' or 'a,b,c' -> (names, is_all); unknown names fail, listing the valid ones."""
+    if isinstance(spec, str):
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    if not spec:
+        raise ValueError(f"no heads given; valid heads: {', '.join(list_heads())}")
+    if list(spec) == ["all"]:
+        return list_heads(), True
+    for name in spec:
+        get_head(name)
+    return list(dict.fromkeys(spec)), False
+
+
+def parse_encoders(spec: str | Sequence[str | None] | None, flag: str) -> list[str | None]:
+    """'minilm,none' -> ['minilm', None] (each once, in order)."""
+    if spec is None:
+        spec = [None]
+    elif isinstance(spec, str):
+        spec = spec.split(",")
+    names = [
+        None if e is None or str(e).strip().lower() in ("", NONE) else str(e).strip() for e in spec
+    ]
+    if not names:
+        raise ValueError(f"{flag} is empty; pass an encoder name or 'none'")
+    return list(dict.fromkeys(names))
+
+
+def parse_seeds(spec: str | Sequence[int]) -> list[int]:
+    """'42,43,44' -> [42, 43, 44]; see check_seeds for the range."""
+    if not isinstance(spec, str):
+        return list(spec)
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ValueError(
+            f"--seeds must be whole numbers separated by commas, e.g. 42,43,44 (got {spec!r})"
+        )
+    return seeds
+
+
+DEFAULT_PROTOCOL = {"fuse": {"val_ratio": 0.1}, "compare": {"folds": 5}}
+
+
+def resolve_settings(
+    command: str, given: dict[str, Any], explicit: Iterable[str], config: str | Path | None = None
+) -> GridSpec:
+    """The settings of a run: each flag the user typed (`explicit`), else the replayed
+    config.yaml's value, else the command's default (`given` holds every flag's value,
+    defaults included). --set assignments add to the config's; a --sweep key replaces the
+    config's sweep of that key.
+
+    given keys: features, text, image, heads, set, sweep, val_ratio, folds, split_seed,
+    seeds, epochs, device, class_weights, allow_stale (strings as typed on the command line)."""
+    explicit = set(explicit)
+    old = read_config(config) if config is not None else {}
+
+    def pick(key: str) -> Any:
+        return given.get(key) if key in explicit or key not in old else old[key]
+
+    features = pick("features")
+    if features is None:
+        raise ValueError(
+            "--features is required: the cache folder features/DATASET (or --config RUN/config.yaml)"
+        )
+    if pick("heads") is None:
+        flag = "--head" if command == "fuse" else "--heads"
+        raise ValueError(f"{flag} is required; valid heads: {', '.join(list_heads())}")
+    heads, heads_all = parse_heads(pick("heads"))
+    text, image = parse_encoders(pick("text"), "--text"), parse_encoders(pick("image"), "--image")
+    if all(e is None for e in (*text, *image)):
+        raise ValueError("no features asked for: give --text, --image or both (not both none)")
+    if command == "fuse":
+        _one_cell(text, image, heads, config)
+    sets = _assignments(old.get("set", {}), "--set")  # the replayed run's, then the flags'
+    sets += [parse_assignment(p, "--set") for p in given.get("set") or []]
+    sweeps = _assignments(old.get("sweep", {}), "--sweep")
+    sweeps += [parse_assignment(p, "--sweep") for p in given.get("sweep") or []]
+    if command == "fuse" and sweeps:
+        raise ValueError("fuse runs one cell; --sweep is for `fusebench compare`")
+    return GridSpec(
+        command=command,
+        features=Path(features),
+        text=tuple(text),
+        image=tuple(image),
+        heads=tuple(heads),
+        heads_all=heads_all,
+        set=resolve_set(sets, heads),
+        sweep=resolve_sweep(sweeps, heads),
+        protocol=_protocol(command, given, explicit, old),
+        seeds=tuple(check_seeds(parse_seeds(pick("seeds")))),
+        epochs=_epochs(pick("epochs")),
+        device=str(pick("device")),
+        class_weights=bool(pick("class_weights")),
+        allow_stale=bool(pick("allow_stale")),
+    )
+
+
+def _one_cell(text: list, image: list, heads: list, config) -> None:
+    for what, values in (("--text", text), ("--image", image), ("--head", heads)):
+        if len(values) > 1:
+            shown = ",".join(v or NONE for v in values)
+            where = f"{config} gives" if config else "got"
+            raise ValueError(
+                f"fuse runs one cell, but {where} {what} {shown}; pass one {what}, or run "
+                "`fusebench compare` for a grid"
+            )
+
+
+def _epochs(epochs: Any) -> int | None:
+    if epochs is None:
+        return None
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, not {epochs}")
+    return epochs
+
+
+def _protocol(command: str, given: dict, explicit: set, old: dict) -> StratifiedProtocol:
+    if "val_ratio" in explicit or "folds" in explicit or "protocol" not in old:
+        val_ratio, folds = given.get("val_ratio"), given.get("folds")
+        if val_ratio is not None and folds is not None:
+            raise ValueError("give either --val-ratio or --folds, not both")
+        if val_ratio is None and folds is None:
+            chosen = DEFAULT_PROTOCOL[command]
+        else:
+            chosen = {"val_ratio": val_ratio, "folds": folds}
+        inner = old.get("protocol", {}).get("inner_ratio", 0.1)
+    else:
+        chosen = {k: old["protocol"].get(k) for k in ("val_ratio", "folds")}
+        inner = old["protocol"].get("inner_ratio", 0.1)
+    split_seed = given.get("split_seed")
+    if "split_seed" not in explicit and "protocol" in old:
+        split_seed = old["protocol"].get("split_seed", split_seed)
+    return StratifiedProtocol(
+        val_ratio=chosen.get("val_ratio"),
+        folds=chosen.get("folds"),
+        split_seed=42 if split_seed is None else split_seed,
+        inner_ratio=inner,
+    )
+
+
+def _assignments(mapping: dict, flag: str) -> list[Assignment]:
+    """A config.yaml `set` ({head: {key: value}}) or `sweep` ({"head.key": [values]})."""
+    out = []
+    if flag == "--set":
+        for head, over in mapping.items():
+            for path, value in _leaves(over):
+                out.append(Assignment(head, path, value, "config set", f"{head}.{'.'.join(path)}"))
+    else:
+        for key, values in mapping.items():
+            head, _, rest = key.partition(".")
+            out.append(Assignment(head, tuple(rest.split(".")), list(values), "config sweep", key))
+    return out
+
+
+def _leaves(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    out = []
+    for k, v in node.items():
+        if isinstance(v, dict) and v:
+            out += _leaves(v, (*prefix, str(k)))
+        else:
+            out.append(((*prefix, str(k)), v))
+    return out
+
+
+def _names(v: Any) -> bool:
+    return v is None or (isinstance(v, (str, list)) and bool(v))
+
+
+def _set_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, dict) for x in v.values())
+
+
+def _sweep_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(x, list) and "." in k for k, x in v.items())
+
+
+CONFIG_TYPES = {  # key -> (check, what it must be)
+    "features": (lambda v: isinstance(v, str), "a folder path"),
+    "text": (_names, "a list of encoder names or 'none'"),
+    "image": (_names, "a list of encoder names or 'none'"),
+    "heads": (lambda v: isinstance(v, (list, dict)) and bool(v), "a list of head names"),
+    "set": (_set_map, "a mapping head -> {key: value}"),
+    "sweep": (_sweep_map, 'a mapping "head.key" -> [values]'),
+    "protocol": (lambda v: isinstance(v, dict), "a mapping (folds, val_ratio, split_seed)"),
+    "seeds": (lambda v: isinstance(v, list) and bool(v), "a list of whole numbers"),
+    "epochs": (lambda v: v is None or isinstance(v, int), "a whole number or null"),
+    "device": (lambda v: isinstance(v, str), "auto, cpu or cuda"),
+    "class_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "allow_stale": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def read_config(path: str | Path) -> dict:
+    """The replayable settings of a run's config.yaml (--config), each checked; a missing or
+    malformed file is one line naming it and the key."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; pass RUN/config.yaml of a run")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ValueError(f"--config {path} is not valid YAML; pass a run's config.yaml") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} holds no settings mapping; pass a run's config.yaml")
+    out = {}
+    for key, (ok, what) in CONFIG_TYPES.items():
+        if key not in data:
+            continue
+        if not ok(data[key]):
+            raise ValueError(f"--config {path}: '{key}' must be {what}, not {data[key]!r}")
+        out[key] = list(data[key]) if key == "heads" else data[key]  # issue-7 runs: a mapping
+    return out
+
+
+# ---------------------------------------------------------------- caches: each loaded once
+
+
+@dataclass
+class FeatureBank:
+    """Every cache of a grid, loaded once, on the rows usable in all of them.
+
+    base: the shared rows (guid, split, label; no modality); cell_set(cell) adds the cell's
+    text and image features without copying them."""
+
+    base: FeatureSet
+    modalities: dict[tuple[str, str], Modality]  # (modality, encoder) -> features
+    sources: dict[tuple[str, str], dict]  # (modality, encoder) -> {encoder, path, fingerprint}
+    caches: dict[str, dict]  # encoder -> {path, fingerprint, modalities}
+
+    def cell_set(self, cell: Cell) -> FeatureSet:
+        pick = {m: (m, cell.encoder(m)) for m in cell.modalities}
+        return replace(
+            self.base,
+            text=self.modalities.get(pick["text"]) if "text" in pick else None,
+            image=self.modalities.get(pick["image"]) if "image" in pick else None,
+            sources={m: self.sources[k] for m, k in pick.items()},
+        )
+
+
+def load_bank(features: str | Path, cells: Sequence[Cell], *, allow_stale: bool) -> FeatureBank:
+    """Opens each cache the cells read once (tokens only for modalities some cell's head
+    reads as tokens) and keeps the rows usable in every one of them."""
+    wanted: dict[str, set[str]] = {}  # encoder -> modalities read from it
+    tokens: dict[str, set[str]] = {}
+    for cell in cells:
+        needs = head_needs_tokens(cell.head, cell.overrides)
+        for m in cell.modalities:
+            wanted.setdefault(cell.encoder(m), set()).add(m)
+            if needs:
+                tokens.setdefault(cell.encoder(m), set()).add(m)
+    order = sorted(wanted, key=lambda e: ("text" not in wanted[e], list(wanted).index(e)))
+    sets = {
+        enc: load_feature_set(
+            features,
+            text=enc if "text" in wanted[enc] else None,
+            image=enc if "image" in wanted[enc] else None,
+            tokens=tokens.get(enc, set()),
+            allow_stale=allow_stale,
+        )
+        for enc in order
+    }
+    base, rows = join_sets(sets)
+    mods, sources = {}, {}
+    for enc, fs in sets.items():
+        for m in wanted[enc]:
+            mods[(m, enc)] = fs.modality(m).take(rows[enc])
+            sources[(m, enc)] = fs.sources[m]
+    caches = {
+        enc: {
+            "path": fs.sources[next(iter(fs.sources))]["path"],
+            "fingerprint": fs.sources[next(iter(fs.sources))]["fingerprint"],
+            "modalities": [m for m in MODALITIES if m in wanted[enc]],
+        }
+        for enc, fs in sets.items()
+    }
+    return FeatureBank(base, mods, sources, caches)
+
+
+def join_sets(sets: dict[str, FeatureSet]) -> tuple[FeatureSet, dict[str, np.ndarray]]:
+    """The rows of the first set whose guid is usable in every set, in the first set's order;
+    and, per set, the positions of those rows in it. Sets that are not of one dataset (other
+    classes, guids, splits or labels) are refused."""
+    (ref_enc, ref), *others = sets.items()
+    keep = np.ones(len(ref), dtype=bool)
+    positions = {ref_enc: np.arange(len(ref))}
+    why: dict[int, str] = {}  # row of ref -> why it is left out
+    for enc, fs in others:
+        rows = _same_dataset(ref, fs)
+        reasons = {}
+        for e in fs.excluded:
+            reasons.setdefault(e.guid, e.reason)
+        for i in np.flatnonzero(keep & (rows < 0)).tolist():
+            why[i] = reasons.get(ref.guid[i], f"not usable in {_file(fs)}")
+        keep &= rows >= 0
+        positions[enc] = rows
+    kept = np.flatnonzero(keep)
+    if len(kept) == 0:
+        raise ValueError(
+            f"no row is usable in every cache ({', '.join(_file(fs) for fs in sets.values())}); "
+            "see `fusebench cache info FILE` and extract again"
+        )
+    excluded = (
+        *ref.excluded,
+        *(Excluded(str(ref.guid[i]), str(ref.split[i]), why[i]) for i in sorted(why)),
+    )
+    stale = {k: v for fs in sets.values() for k, v in fs.stale.items()}
+    base = replace(
+        ref.take(kept), text=None, image=None, excluded=excluded, sources={}, stale=stale
+    )
+    return base, {enc: pos[kept] for enc, pos in positions.items()}
+
+
+def _file(fs: FeatureSet) -> str:
+    return Path(next(iter(fs.sources.values()))["path"]).name
+
+
+def _same_dataset(ref: FeatureSet, other: FeatureSet) -> np.ndarray:
+    """(len(ref),) the row of `other` with each ref row's guid (-1: none usable); refuses
+    caches of different datasets, as fuse.features does for a text and an image file."""
+    a, b = _file(ref), _file(other)
+    if list(ref.classes) != list(other.classes):
+        raise FeatureMismatchError(
+            f"{a} and {b} disagree on classes ({', '.join(ref.classes)} vs "
+            f"{', '.join(other.classes)}); extract both from the same dataset"
+        )
+    mine, theirs = set(ref.all_guid.tolist()), set(other.all_guid.tolist())
+    for g, x, y in ((sorted(mine - theirs), a, b), (sorted(theirs - mine), b, a)):
+        if g:
+            more = f" (and {len(g) - 1} more)" if len(g) > 1 else ""
+            raise FeatureMismatchError(
+                f"guid {g[0]} is in {x} but not in {y}{more}; extract both from the same dataset"
+            )
+    pos = {g: i for i, g in enumerate(other.guid.tolist())}
+    rows = np.fromiter((pos.get(g, -1) for g in ref.guid.tolist()), np.int64, len(ref))
+    both = np.flatnonzero(rows >= 0)
+    for what in ("split", "label"):
+        left, right = getattr(ref, what)[both], getattr(other, what)[rows[both]]
+        diff = np.flatnonzero(left != right)
+        if diff.size:
+            i = int(both[diff[0]])
+            raise FeatureMismatchError(
+                f"{a} and {b} disagree on the {what} of guid {ref.guid[i]} "
+                f"({left[diff[0]]} vs {right[diff[0]]}) and {diff.size - 1} more; "
+                "extract both from the same dataset"
+            )
+    return rows
+
+
+def describe_common_rows(bank: FeatureBank, cells: Sequence[Cell]) -> str | None:
+    """A note when some cell reads fewer caches than the grid loaded: it is still fitted and
+    scored only on the rows usable in every cache, so that all cells share the same folds."""
+    if all(len(set(filter(None, (c.text, c.image)))) == len(bank.caches) for c in cells):
+        return None
+    return (
+        f"every cell is fitted and scored on the {len(bank.base)} rows usable in all "
+        f"{len(bank.caches)} caches ({few(list(bank.caches), 8)}), so all cells share the same folds"
+    )
