@@ -74,6 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 256
+    standardize: bool = True  # scale every input feature by the fit rows' mean / std (Standardized)
 
     @classmethod
     def from_dict(cls, values: Any, *, head: str = "") -> TrainConfig:
@@ -217,6 +218,82 @@ def batches(
         w = w[np.argsort(lengths[w], kind="stable")]
         out += [w[i : i + batch_size] for i in range(0, len(w), batch_size)]
     return out if rng is None else [out[k] for k in rng.permutation(len(out))]
+
+
+SCALED_INPUTS = ("text_pooled", "image_pooled", "text_tokens", "image_tokens")
+
+
+class Standardized(nn.Module):
+    """A head behind per-feature standardisation of its inputs, (x - mean) / std, with
+    statistics of the fit rows only (buffers, saved with the weights; tokens: over real tokens).
+
+    Why: encoders' features differ in scale by orders of magnitude, and within one vector a few
+    outlier dimensions can dwarf the rest (MiniLM at --layer 3: max |x| 9.7 against a typical
+    0.06). An MLP fed such inputs as they are collapsed to the majority class (lab5-dev,
+    text_only: macro-F1 0.249 raw, 0.453 standardised), which would rank a layer as useless
+    when the head is what failed. Padded token positions stay exactly 0.
+    """
+
+    def __init__(self, head: nn.Module, dims: dict[str, int]) -> None:
+        super().__init__()
+        self.head = head
+        self.scaled = tuple(dims)
+        for name, dim in dims.items():
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+
+    def set_stats(self, stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> Standardized:
+        for name, (mean, std) in stats.items():
+            getattr(self, f"{name}_mean").copy_(torch.as_tensor(mean, dtype=torch.float32))
+            getattr(self, f"{name}_std").copy_(torch.as_tensor(std, dtype=torch.float32))
+        return self
+
+    def forward(self, **inputs: torch.Tensor | None) -> torch.Tensor:
+        out = dict(inputs)
+        for name in self.scaled:
+            x = inputs.get(name)
+            if x is None:
+                continue
+            x = (x - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std")
+            mask = inputs.get(name.replace("tokens", "mask")) if name.endswith("tokens") else None
+            out[name] = x if mask is None else x * mask.unsqueeze(-1)  # (b, L, D): padding 0
+        return self.head(**out)
+
+
+def scaled_dims(dims: InputDims, modalities: tuple[str, ...], tokens: bool) -> dict[str, int]:
+    """The inputs a head reads, with their widths: what Standardized keeps statistics of."""
+    wanted = [f"{m}_pooled" for m in modalities] + (
+        [f"{m}_tokens" for m in modalities] if tokens else []
+    )
+    return {k: getattr(dims, k) for k in SCALED_INPUTS if k in wanted and getattr(dims, k)}
+
+
+def input_stats(
+    fs: FeatureSet, names: tuple[str, ...], block: int = 256
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (mean, std) per feature over the rows of fs (tokens: real tokens only), streamed
+    in blocks of rows with float64 sums. A (near-)constant feature gets std 1 (left as it is)."""
+    stats = {}
+    for name in names:
+        modality, kind = name.split("_")
+        mod = fs.modality(modality)
+        total, total_sq, count = 0.0, 0.0, 0
+        for start in range(0, len(fs), block):
+            rows = np.arange(start, min(start + block, len(fs)))
+            if kind == "pooled":
+                x = mod.pooled(rows).astype(np.float64)  # (b, D)
+            else:
+                tok, mask = mod.tokens(rows)  # (b, L, D), (b, L)
+                x = tok.astype(np.float64).reshape(-1, tok.shape[-1])
+                if mask is not None:
+                    x = x[mask.reshape(-1)]
+            total = total + x.sum(axis=0)
+            total_sq = total_sq + (x * x).sum(axis=0)
+            count += len(x)
+        mean = total / max(count, 1)
+        std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean * mean, 0.0))
+        stats[name] = (mean, np.where(std > 1e-6, std, 1.0))
+    return stats
 
 
 @torch.inference_mode()
@@ -400,6 +477,9 @@ class TorchClassifier:
         module = self.module(dims, train.n_classes, **self.params)
         warm_up(device)
         start = time.perf_counter()
+        if self.train.standardize:  # statistics of the fit rows only, timed with the fit
+            names = scaled_dims(dims, modalities, self.needs_tokens)
+            module = Standardized(module, names).set_stats(input_stats(train, tuple(names)))
         result = train_module(
             module,
             train,
@@ -466,12 +546,17 @@ class TorchClassifier:
         try:
             meta = json.loads((folder / "head.json").read_text())
             module_cls = get_head(meta["head"])
-            train = TrainConfig.from_dict({**meta["train"], "device": device}, head=meta["head"])
+            # models saved before inputs were standardised have no statistics: load them as such
+            saved = {"standardize": False, **meta["train"], "device": device}
+            train = TrainConfig.from_dict(saved, head=meta["head"])
             self = cls(module_cls, params=meta["params"], train=train, seed=meta["seed"])
             self.dims_ = InputDims(**meta["dims"])
             self.classes_ = tuple(meta["classes"])
             self.modalities_ = tuple(meta["modalities"])
             module = module_cls(self.dims_, len(self.classes_), **self.params)
+            if train.standardize:
+                names = scaled_dims(self.dims_, self.modalities_, bool(meta["needs_tokens"]))
+                module = Standardized(module, names)
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DamagedModelError(
                 f"{folder / 'head.json'} is damaged ({type(e).__name__}: {e}); rerun the "

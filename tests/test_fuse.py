@@ -24,7 +24,7 @@ from fuse.experiment import evaluate_head
 from fuse.metrics import aggregate
 from fuse.protocol import Fold, scorable_rows
 from fuse.registry import CONFIG_DIR, HEADS, Registry, UnknownHeadError, get_head
-from fuse.trainer import batches, class_weight_vector
+from fuse.trainer import TorchClassifier, batches, class_weight_vector
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("negative", "neutral", "positive")
@@ -726,3 +726,63 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_standardized_inputs_keep_a_head_from_collapsing_on_outlier_dimensions(tmp_path):
+    """A few huge, uninformative dimensions (as MiniLM's middle layers have) made the torch
+    heads predict the majority class; inputs standardised with the FIT rows' statistics learn
+    the signal. The statistics are the fit rows' own (never the scored rows'), saved with the
+    weights, and a loaded model predicts the same."""
+    data = synthetic(seed=5, tokens=False, n_train=300, n_test=0)
+    pooled = data["text"].pooled["pooled"].astype(np.float32)
+    rng = np.random.default_rng(0)
+    pooled[:, :3] = 600 + 300 * rng.standard_normal((len(pooled), 3))  # noise, huge scale
+    data["text"] = TokenFeatures(
+        None, None, {"pooled": pooled.astype(np.float16)}, {"pooled": "mean"}
+    )
+    write(tmp_path / "syn.h5", data, image=False)
+    fs = load_feature_set(tmp_path, text="syn", image=None)
+    fold = StratifiedProtocol(val_ratio=0.3).splits(fs)[0]
+    scores = {}
+    for standardize in (False, True):
+        head = build_head(
+            "text_only",
+            seed=0,
+            epochs=15,
+            device="cpu",
+            overrides={"train": {"standardize": standardize}},
+        )
+        head.fit(fs.take(fold.fit), fs.take(fold.inner_val))
+        scored = fs.take(fold.scored)
+        proba = head.predict_proba(scored)
+        scores[standardize] = f1_score(scored.label, proba.argmax(1), average="macro")
+    assert scores[True] > 0.8 > scores[False] + 0.2, scores
+    fit_rows = fs.take(fold.fit).text.pooled().astype(np.float64)
+    np.testing.assert_allclose(
+        head.module_.text_pooled_mean.numpy(), fit_rows.mean(0), rtol=1e-4, atol=1e-3
+    )
+    head.save(tmp_path / "model")
+    again = TorchClassifier.load(tmp_path / "model", device="cpu")
+    np.testing.assert_allclose(again.predict_proba(scored), proba, atol=1e-6)
+
+
+def test_standardized_tokens_keep_padding_zero():
+    import torch
+
+    from fuse.trainer import Standardized
+
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, **inputs):
+            seen.update(inputs)
+            return torch.zeros(2, 3)
+
+    module = Standardized(Probe(), {"text_tokens": 4}).set_stats(
+        {"text_tokens": (np.full(4, 5.0), np.full(4, 2.0))}
+    )
+    tokens = torch.full((2, 3, 4), 7.0)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    module(text_tokens=tokens * mask.unsqueeze(-1), text_mask=mask)
+    assert torch.equal(seen["text_tokens"][mask], torch.ones(3, 4))  # (7 - 5) / 2
+    assert torch.equal(seen["text_tokens"][~mask], torch.zeros(3, 4))
