@@ -136,6 +136,13 @@ def extract(
             help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
         ),
     ] = None,
+    exact_preprocess: Annotated[
+        bool,
+        typer.Option(
+            "--exact-preprocess",
+            help="Images through the model's own processor (slower) instead of the fast path that reproduces it.",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
@@ -163,6 +170,7 @@ def extract(
             num_workers=workers,
             overwrite=overwrite,
             quiet=quiet,
+            exact_preprocess=exact_preprocess,
             text_encoding=text_encoding,
             labels=split_labels(labels),
             columns=parse_columns(column),
@@ -239,6 +247,32 @@ def cache_verify(
         )
     for line in lines:
         typer.echo(line)
+
+
+@cache_app.command("merge")
+def cache_merge(
+    files: Annotated[
+        list[Path], typer.Argument(help="Caches of one encoder and dataset.", metavar="CACHE")
+    ],
+    out: Annotated[Path, typer.Option(help="The merged cache to write.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Join caches of one encoder and settings over parts (shards) of one dataset."""
+    from cache import CacheError
+    from cache.merge import merge_caches
+
+    try:
+        rep = merge_caches(files, out, overwrite=overwrite)
+    except CacheError as e:
+        fail(str(e))
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e), code=2)
+    except OSError as e:
+        fail(f"cannot read {e.filename or out} ({e.strerror or e}); check the paths")
+    typer.echo(
+        f"wrote {rep.path}: {rep.rows} rows ({rep.ok} ok, {rep.failed} failed) from "
+        f"{rep.inputs} caches, {rep.overlap} rows in more than one"
+    )
 
 
 @data_app.command("synth")

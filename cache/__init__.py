@@ -15,6 +15,7 @@ from cache.format import (
     fingerprint,
 )
 from cache.integrity import read_rows
+from cache.merge import MergeError, merge_caches
 from cache.reader import FeatureStore, parts_dir
 from cache.sources import (
     StaleCacheError,
@@ -38,12 +39,14 @@ __all__ = [
     "FeatureStore",
     "FingerprintMismatchError",
     "IncompleteCacheError",
+    "MergeError",
     "StaleCacheError",
     "TokenFeatures",
     "check_fresh",
     "ensure_fresh",
     "exclusive_lock",
     "fingerprint",
+    "merge_caches",
     "parts_dir",
     "read_rows",
     "record_sources",

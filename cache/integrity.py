@@ -12,10 +12,22 @@ What is checked when (README "Cache guarantees"):
 - `cache verify`: the digests of every array, token arrays included.
 String datasets (guid, split, the error log) cannot carry HDF5 filters; their digests cover them.
 
+Padded token arrays (text: rows zero-padded to the longest) are chunked by slabs of
+`TOKEN_CHUNK` tokens of one row (`token_chunk`): a slab that is all padding is never written, so
+HDF5 never allocates it (it reads as the fill value, 0) and padding costs no bytes on disk. The
+file stays format v1 (any HDF5 reader handles it). A compressor every h5py reads natively (lzf,
+gzip) can be added (`compression`; fletcher32 then checksums the compressed bytes), but on
+lab5-dev's minilm cache (benchmarks/cache_load.py --codecs) slabs alone took 0.32x the bytes
+(lzf 0.28x, gzip-1 0.25x) and opened faster than the earlier layout, while lzf and gzip-1 took
+3-4x longer to open (decompression): `TOKEN_COMPRESSION` is None. Caches written before
+(whole-row chunks) read as before.
+
 `read_dataset` loads a whole numeric dataset the way a raw read would: the chunks' bytes go
 straight from the file into the result array, and each chunk's fletcher32 is checked with
-HDF5's own checksum function on a few threads (it runs without the GIL). Where that function
-cannot be found, the normal HDF5 read path (which checks the same checksums) is used.
+HDF5's own checksum function on a few threads (it runs without the GIL); compressed chunks are
+checked, then decompressed straight into the result on the same threads (lzf with the
+lzf_decompress h5py's filter uses, gzip with zlib). Where those functions cannot be found, the
+normal HDF5 read path (which checks the same checksums) is used.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import glob
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +51,11 @@ from cache.format import DamagedCacheError
 
 CHUNK_BYTES = 1 << 20  # target bytes per chunk (whole rows)
 DIGEST_BLOCK_BYTES = 64 << 20  # rows hashed per read when streaming a digest
-RUN_BYTES = 16 << 20  # bytes the bulk reader asks of one preadv
+RUN_BYTES = 16 << 20  # bytes the bulk reader asks of one preadv (or decompresses per task)
+TOKEN_CHUNK = 16  # tokens per chunk of a padded token array (benchmarks/cache_load.py)
+TOKEN_COMPRESSION: str | None = None  # compressor of padded token arrays (ditto)
+COMPRESSIONS = (None, "lzf", "gzip")  # "gzip" is level GZIP_LEVEL
+GZIP_LEVEL = 1
 
 
 def fix_line(path: Path) -> str:
@@ -57,15 +74,38 @@ def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
     return int(max(1, min(shape[0], CHUNK_BYTES // row_bytes)))
 
 
+def slab_tokens(length: int, most: int) -> int:
+    """Tokens per chunk for rows of `length` tokens: the largest divisor of `length` up to
+    `most` (whole slabs keep every chunk contiguous in the row-major array the reader fills),
+    or `most` when `length` has none above most/2 (then HDF5 reads the array)."""
+    best = max(d for d in range(1, min(most, length) + 1) if length % d == 0)
+    return best if 2 * best > min(most, length) else min(most, length)
+
+
 def create_dataset(
-    group: h5py.Group, name: str, *, shape: tuple[int, ...], dtype, fillvalue=0, data=None
+    group: h5py.Group,
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    dtype,
+    fillvalue=0,
+    data=None,
+    compression: str | None = None,
+    token_chunk: int | None = None,
 ) -> h5py.Dataset:
     """A row-chunked numeric dataset with the fletcher32 filter (contiguous when it has no
-    rows: HDF5 cannot chunk an empty fixed-size dataset)."""
+    rows: HDF5 cannot chunk an empty fixed-size dataset). compression: one of COMPRESSIONS,
+    applied to each chunk before its checksum. token_chunk (token arrays [N, L, D] only):
+    chunks of one row and about that many tokens (`slab_tokens`), so that all-padding slabs
+    are never stored."""
     dtype = np.dtype(dtype)
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, not {compression!r}")
     if 0 in shape:
         return group.create_dataset(name, shape=shape, dtype=dtype, data=data)
     chunks = (chunk_rows(shape, dtype.itemsize), *shape[1:])
+    if token_chunk and len(shape) >= 3:
+        chunks = (1, slab_tokens(shape[1], token_chunk), *shape[2:])
     return group.create_dataset(
         name,
         shape=shape,
@@ -73,6 +113,8 @@ def create_dataset(
         data=data,
         chunks=chunks,
         fletcher32=True,
+        compression=compression,
+        compression_opts=GZIP_LEVEL if compression == "gzip" else None,
         fillvalue=None if data is not None else fillvalue,
     )
 
@@ -217,23 +259,41 @@ def read_rows(ds: h5py.Dataset, rows, path: Path | None = None) -> np.ndarray:
 
 def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
     """Chunks read from the file straight into the result, fletcher32 checked per chunk on
-    threads. None when the layout is not the one `create_dataset` writes (then HDF5 reads)."""
+    threads (compressed chunks: checked, then decompressed into the result on the same threads).
+    None when the layout is not one `create_dataset` writes (then HDF5 reads)."""
     check = _fletcher32()
-    if check is None or not _raw_readable(ds):
+    codec = _raw_codec(ds)
+    decode = _decoder(codec) if codec else None
+    if check is None or codec is None or (codec and decode is None):
         return None
-    rows_per_chunk = ds.chunks[0]
-    row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64)) * ds.dtype.itemsize
-    chunk_bytes = rows_per_chunk * row_bytes
-    n_chunks = -(-ds.shape[0] // rows_per_chunk)
-    chunks: list[tuple[int, int, int]] = []  # (first row, file offset, stored size)
-    ds.id.chunk_iter(lambda s: chunks.append((s.chunk_offset[0], s.byte_offset, s.size)))
-    if any(size != chunk_bytes + 4 for _, _, size in chunks):
+    # Chunk k (row-major over the chunk grid) is bytes k*chunk_bytes.. of the result: whole
+    # rows, or slabs of one row (`_raw_codec` checks they tile it).
+    rows_per_chunk, slab = ds.chunks[0], (ds.chunks[1] if ds.ndim >= 3 else 0)
+    per_row = ds.shape[1] // slab if slab else 1  # chunks per row (1: whole rows)
+    item_bytes = int(np.prod(ds.chunks[1:], dtype=np.int64)) * ds.dtype.itemsize
+    row_bytes = item_bytes * per_row
+    chunk_bytes = rows_per_chunk * item_bytes
+    n_chunks = -(-ds.shape[0] // rows_per_chunk) * per_row
+    chunks: list[tuple[int, int, int]] = []  # (chunk index, file offset, stored size)
+    plain: set[int] = set()  # chunks the compressor left as they were (lzf gives up on noise)
+
+    def visit(info) -> None:
+        at = info.chunk_offset
+        k = at[0] // rows_per_chunk * per_row + (at[1] // slab if slab else 0)
+        chunks.append((k, info.byte_offset, info.size))
+        if info.filter_mask:
+            plain.add(k)
+
+    ds.id.chunk_iter(visit)
+    if not codec and (plain or any(size != chunk_bytes + 4 for _, _, size in chunks)):
         return None
-    flat = np.empty(n_chunks * chunk_bytes, dtype=np.uint8)  # the edge chunk is stored whole
     missing = np.ones(n_chunks, dtype=bool)
-    for row, _, _ in chunks:
-        missing[row // rows_per_chunk] = False
-    for i in np.flatnonzero(missing):  # never written: HDF5 reads them as the fill value
+    for k, _, _ in chunks:
+        missing[k] = False
+    zero = not np.asarray(ds.fillvalue, dtype=ds.dtype).tobytes().strip(b"\0")  # all bits 0
+    # The edge chunk is stored whole. Fresh zeroed pages cost no more than np.empty's.
+    flat = (np.zeros if zero else np.empty)(n_chunks * chunk_bytes, dtype=np.uint8)
+    for i in [] if zero else np.flatnonzero(missing):  # never written: read as the fill value
         region = flat[i * chunk_bytes : (i + 1) * chunk_bytes].view(ds.dtype)
         region[...] = ds.fillvalue
     tails = np.empty(n_chunks, dtype="<u4")  # each chunk's stored checksum
@@ -241,7 +301,7 @@ def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
 
     def load(run: list[tuple[int, int, int]]) -> list[int]:
         """One preadv for chunks stored back to back, then each one's checksum."""
-        index = [row // rows_per_chunk for row, _, _ in run]
+        index = [k for k, _, _ in run]
         iov = []
         for i in index:
             iov += [data[i * chunk_bytes : (i + 1) * chunk_bytes], tail[4 * i : 4 * i + 4]]
@@ -249,22 +309,47 @@ def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
             return index  # short read: let HDF5 read these
         return [i for i in index if check(base + i * chunk_bytes, chunk_bytes) != tails[i]]
 
+    def load_compressed(run: list[tuple[int, int, int]]) -> list[int]:
+        """One pread for chunks stored back to back; each one's checksum, then decompressed."""
+        first, end = run[0][1], run[-1][1] + run[-1][2]
+        stored = np.empty(end - first, dtype=np.uint8)
+        if os.preadv(fd, [memoryview(stored)], first) != len(stored):
+            return [k for k, _, _ in run]
+        bad, at = [], stored.ctypes.data
+        for i, offset, size in run:
+            pos = offset - first
+            body = size - 4
+            want = int.from_bytes(stored[pos + body : pos + size].tobytes(), "little")
+            dest = data[i * chunk_bytes : (i + 1) * chunk_bytes]
+            if body <= 0 or check(at + pos, body) != want:
+                bad.append(i)
+            elif i in plain:  # stored as is
+                if body != chunk_bytes:
+                    bad.append(i)
+                else:
+                    dest[:] = stored[pos : pos + body].data
+            elif not decode(stored[pos : pos + body], dest):
+                bad.append(i)
+        return bad
+
     try:  # the very file HDF5 has open (a path could name a newer file by now)
         fd = os.dup(ds.file.id.get_vfd_handle())
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     try:
         runs = _runs(chunks, chunk_bytes)
+        work = load_compressed if codec else load
         if len(flat) < RUN_BYTES:  # small: threads would cost more than they save
-            bad = [i for run in runs for i in load(run)]
+            bad = [i for run in runs for i in work(run)]
         else:
             with ThreadPoolExecutor(max_workers=_threads()) as pool:
-                bad = [i for found in pool.map(load, runs) for i in found]
+                bad = [i for found in pool.map(work, runs) for i in found]
     finally:
         os.close(fd)
     out = flat[: ds.shape[0] * row_bytes].view(ds.dtype).reshape(ds.shape)
     for i in bad:  # let HDF5 decide: it raises on a real mismatch (-> DamagedCacheError)
-        rows = slice(i * rows_per_chunk, min(ds.shape[0], (i + 1) * rows_per_chunk))
+        first = i // per_row * rows_per_chunk  # HDF5 reads the chunk's rows again
+        rows = slice(first, min(ds.shape[0], first + rows_per_chunk))
         out[rows] = ds[rows]
     return out
 
@@ -282,17 +367,76 @@ def _runs(chunks: list[tuple[int, int, int]], chunk_bytes: int) -> list[list[tup
     return runs
 
 
-def _raw_readable(ds: h5py.Dataset) -> bool:
-    """Row-chunked, fletcher32 as the only filter, a plain little-endian number type, in a
-    file without a user block: the layout whose chunk bytes are the rows themselves."""
-    if not ds.chunks or ds.chunks[1:] != ds.shape[1:] or ds.shape[0] == 0:
-        return False
+def _raw_codec(ds: h5py.Dataset) -> str | None:
+    """ "" for the layout whose chunk bytes are the rows themselves (row-chunked, or chunked
+    by whole slabs of one row's tokens; fletcher32 as
+    the only filter, a plain little-endian number type, in a file without a user block); "lzf"
+    or "gzip" for the same with that compressor before fletcher32; None for anything else."""
+    if not ds.chunks or ds.shape[0] == 0 or ds.chunks[2:] != ds.shape[2:]:
+        return None
+    if ds.chunks[1:2] != ds.shape[1:2] and (ds.chunks[0] != 1 or ds.shape[1] % ds.chunks[1]):
+        return None  # slabs of tokens: one row per chunk, tiling the row
     if ds.dtype.kind not in "fiub" or ds.dtype.byteorder == ">" or ds.file.userblock_size:
-        return False
+        return None
     if not hasattr(ds.id, "chunk_iter") or ds.file.driver != "sec2":
-        return False
+        return None
     plist = ds.id.get_create_plist()
-    return plist.get_nfilters() == 1 and plist.get_filter(0)[0] == h5py.h5z.FILTER_FLETCHER32
+    filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    if filters == [h5py.h5z.FILTER_FLETCHER32]:
+        return ""
+    named = {h5py.h5z.FILTER_LZF: "lzf", h5py.h5z.FILTER_DEFLATE: "gzip"}
+    if len(filters) == 2 and filters[1] == h5py.h5z.FILTER_FLETCHER32 and filters[0] in named:
+        return named[filters[0]]
+    return None
+
+
+def _decoder(codec: str) -> Callable[[np.ndarray, memoryview], bool] | None:
+    """decode(stored bytes, where the chunk goes) -> whether it decompressed to exactly that
+    size; None when the decompressor is not at hand."""
+    if codec == "gzip":
+        return _inflate
+    if codec == "lzf":
+        fn = _lzf_decompress()
+        if fn is None:
+            return None
+
+        def unlzf(stored: np.ndarray, dest: memoryview) -> bool:
+            target = np.frombuffer(dest, dtype=np.uint8)
+            return fn(stored.ctypes.data, len(stored), target.ctypes.data, len(dest)) == len(dest)
+
+        return unlzf
+    return None
+
+
+def _inflate(stored: np.ndarray, dest: memoryview) -> bool:
+    try:
+        raw = zlib.decompress(stored)  # runs without the GIL
+    except zlib.error:
+        return False
+    if len(raw) != len(dest):
+        return False
+    dest[:] = raw
+    return True
+
+
+@functools.cache
+def _lzf_decompress() -> Callable[[int, int, int, int], int] | None:
+    """lzf_decompress from h5py's own lzf filter (in h5py.h5z), after checking it gives back
+    what HDF5 stored; None when it is not found or disagrees."""
+    with contextlib.suppress(OSError, AttributeError):
+        fn = ctypes.CDLL(h5py.h5z.__file__).lzf_decompress
+        fn.restype = ctypes.c_uint
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint, ctypes.c_void_p, ctypes.c_uint]
+        data = np.arange(4000, dtype=np.float32) % 7
+        with h5py.File("lzf-check", "w", driver="core", backing_store=False) as f:
+            ds = f.create_dataset("x", data=data, chunks=(4000,), compression="lzf")
+            _, raw = ds.id.read_direct_chunk((0,))
+        src = np.frombuffer(raw, dtype=np.uint8).copy()
+        out = np.empty(data.nbytes, dtype=np.uint8)
+        n = fn(src.ctypes.data, len(src), out.ctypes.data, len(out))
+        if n == len(out) and (out.view(np.float32) == data).all():
+            return fn
+    return None
 
 
 def _threads() -> int:

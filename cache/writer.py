@@ -30,7 +30,14 @@ from cache.format import (
     fingerprint,
     write_error,
 )
-from cache.integrity import ATTRS, attrs_digest, create_dataset, dataset_digest
+from cache.integrity import (
+    ATTRS,
+    TOKEN_CHUNK,
+    TOKEN_COMPRESSION,
+    attrs_digest,
+    create_dataset,
+    dataset_digest,
+)
 
 STR = h5py.string_dtype("utf-8")
 # HDF5 1.10 file format: checksummed metadata (superblock, object headers), so damage there is
@@ -52,7 +59,10 @@ class CacheWriter:
     come (one row per chunk: out-of-order rows never rewrite a chunk); the per-row vectors
     (pooled, mask, status: small) are kept in memory and written once, in order, by `finish`.
     `sources` (cache/sources.py record_sources) is stored as is; it is not part of the
-    fingerprint.
+    fingerprint. Padded token arrays (those with a mask: text) are chunked by slabs of about
+    `token_chunk` tokens of one row (None: whole rows), so all-padding slabs are never stored,
+    and compressed with `compression` (cache/integrity.py COMPRESSIONS; None by default: see
+    TOKEN_COMPRESSION). Unpadded ones (image) keep whole-row, uncompressed chunks.
     """
 
     def __init__(
@@ -67,8 +77,11 @@ class CacheWriter:
         config: dict,
         attrs: dict,
         sources: dict | None = None,
+        compression: str | None = TOKEN_COMPRESSION,
+        token_chunk: int | None = TOKEN_CHUNK,
     ) -> None:
         self.path = Path(path)
+        self.compression, self.token_chunk = compression, token_chunk
         self._tmp = temp_path(self.path)
         self._f: h5py.File | None = None
         self.n = len(guid)
@@ -118,7 +131,14 @@ class CacheWriter:
             for key, value in (attrs or {}).items():
                 g.attrs[key] = value
             if tokens is not None:
-                create_dataset(g, "tokens", shape=(self.n, *tokens), dtype=np.float16)
+                create_dataset(
+                    g,
+                    "tokens",
+                    shape=(self.n, *tokens),
+                    dtype=np.float16,
+                    compression=self.compression if mask else None,
+                    token_chunk=self.token_chunk if mask else None,
+                )
                 if mask:
                     create_dataset(
                         g, "mask", shape=(self.n, tokens[0]), dtype=bool, fillvalue=False
@@ -145,10 +165,12 @@ class CacheWriter:
             self._vectors[f"{modality}/{name}"][rows] = values
         if feats.tokens is None:
             return
+        tokens = self._f[modality]["tokens"]
+        if tokens.chunks and tokens.chunks[1] < tokens.shape[1]:
+            return self._write_slabs(tokens, rows, feats.tokens)
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
         cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-        tokens = self._f[modality]["tokens"]
         try:
             for run in np.split(np.arange(len(rows)), cuts):
                 if not len(run):
@@ -157,6 +179,30 @@ class CacheWriter:
                 src = order[run]
                 src = slice(int(src[0]), int(src[-1]) + 1) if _is_step1(src) else src
                 tokens[dest, :n_tok] = feats.tokens[src]
+        except OSError as e:
+            raise _write_error(self._tmp, e) from None
+
+    def _write_slabs(self, tokens: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+        """Token rows chunked by slabs (padded arrays), each row up to the slab of its last
+        nonzero token (runs of consecutive rows that need as many slabs: one write): the slabs
+        after it are never written, so HDF5 never stores them (they read back as the fill
+        value, 0: bit-exact, as -0.0 counts as nonzero). Rows are written once: a row written
+        again keeps what it had in the slabs past its new last nonzero token."""
+        values = np.asarray(values)
+        nonzero = ((values != 0) | np.signbit(values)).any(axis=2)  # (B, n_tok)
+        width, slab = nonzero.shape[1], tokens.chunks[1]
+        ends = np.where(nonzero.any(axis=1), width - np.argmax(nonzero[:, ::-1], axis=1), 0)
+        slabs = -(-ends // slab)  # slabs each row needs
+        order = np.argsort(rows, kind="stable")
+        # one write per run of consecutive rows that need the same slabs
+        cuts = np.flatnonzero((np.diff(rows[order]) != 1) | (np.diff(slabs[order]) != 0)) + 1
+        try:
+            for run in np.split(order, cuts):
+                stop = min(width, int(slabs[run[0]]) * slab)
+                if len(run) and stop:
+                    first = int(rows[run[0]])
+                    src = slice(int(run[0]), int(run[-1]) + 1) if _is_step1(run) else run
+                    tokens[first : first + len(run), :stop] = values[src, :stop]
         except OSError as e:
             raise _write_error(self._tmp, e) from None
 
@@ -242,6 +288,8 @@ def write_features(
     manifest: list[dict] | None = None,
     attrs: dict | None = None,
     sources: dict | None = None,
+    compression: str | None = TOKEN_COMPRESSION,
+    token_chunk: int | None = TOKEN_CHUNK,
 ) -> Path:
     """Writes a whole cache in one call (all rows in memory). Used by tests and tools that
     already hold the features; `extract` streams through CacheWriter instead."""
@@ -267,6 +315,8 @@ def write_features(
         config=config,
         attrs={**base, **(attrs or {})},
         sources=sources,
+        compression=compression,
+        token_chunk=token_chunk,
     )
     try:
         for name, feats in (("text", text), ("image", image)):

@@ -4,7 +4,8 @@ Contract (every encoder):
     modalities                      ("text",), ("image",) or ("text", "image")
     tokenize(texts) -> list[ids]    text only; truncated to max_length, no padding
     encode_text(ids) -> TokenFeatures     pads the batch to its longest, zeroes padding
-    preprocess(images) -> (B,3,H,W) float32 array   runs in DataLoader workers
+    preprocess(images) -> (B,3,H,W) array   runs in DataLoader workers; float32, or uint8 from
+                                    the fast image path (encode_image normalises it on the device)
     encode_image(pixels) -> TokenFeatures
     config() -> dict                everything that changes the numbers (goes into the fingerprint)
 
@@ -386,7 +387,9 @@ class Encoder:
             "pooling": s.pooling,
             "precision": self.precision,
             "kind": s.kind,
-        }
+        } | ({"preprocess": "fast"} if self.fast_image is not None else {})
+        # absent = the reference processor, so caches made before the fast path keep their
+        # fingerprint when extracted again with --exact-preprocess
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -415,8 +418,53 @@ class Encoder:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # image --------------------------------------------------------------
+    fast_image: Any = None  # an extract.fastimage.FastImagePath once select_preprocess picks it
+
+    def select_preprocess(self, *, exact: bool) -> str | None:
+        """How images load and preprocess: the fast path (extract/fastimage.py: JPEG draft
+        decode, vectorised normalise, the processor's own pixels) unless `exact` asks for
+        the model's processor itself. Returns a line to show once when the fast path was
+        asked for but the processor's config is one it does not reproduce. Until this is
+        called an encoder uses the reference processor."""
+        self.fast_image = None
+        if exact or "image" not in self.modalities:
+            return None
+        from extract.fastimage import FastImagePath
+
+        fast = FastImagePath.from_processor(self.image_processor)
+        if isinstance(fast, str):
+            return (
+                f"fast image path not used ({fast}); preprocessing with the model's own processor"
+            )
+        self.fast_image = fast
+        return None
+
+    @property
+    def preprocess_path(self) -> str:
+        """'fast' or 'reference': goes into config() (and the fingerprint) for image towers."""
+        return "fast" if self.fast_image is not None else "reference"
+
+    def load_image(self, sample: Any) -> Any:
+        """A sample's RGB image as the chosen path loads it (`open_sample_image` semantics);
+        ValueError (one line) when it cannot be read."""
+        if self.fast_image is not None:
+            return self.fast_image.open(sample)
+        from extract.datasets import open_sample_image
+
+        return open_sample_image(sample)
+
+    def _pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 on the device; uint8 from the fast path is normalised there."""
+        pixels = pixels.to(self.device)
+        if pixels.dtype == torch.uint8 and self.fast_image is not None:
+            pixels = self.fast_image.normalize(pixels)
+        return pixels
+
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
-        """(B, 3, H, W) float32 pixel values from the model's own image processor."""
+        """(B, 3, H, W) pixels: float32 from the model's own image processor, or uint8 from
+        the fast path that reproduces it (select_preprocess), normalised in encode_image."""
+        if self.fast_image is not None:
+            return self.fast_image.preprocess(list(images))
         return np.asarray(
             self.image_processor(images=list(images), return_tensors="np")["pixel_values"],
             dtype=np.float32,
@@ -498,7 +546,7 @@ class ImageEncoder(Encoder):
     def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
         with self._autocast():
             out = self.model(
-                pixel_values=pixels.to(self.device),
+                pixel_values=self._pixel_values(pixels),
                 output_hidden_states=self.spec.layer is not None,
             )
         tokens = self._hidden(out).float()  # (B, P, D)
@@ -541,7 +589,7 @@ class ClipEncoder(Encoder):
     def encode_image(self, pixels: torch.Tensor) -> TokenFeatures:
         with self._autocast():
             out = self.model.vision_model(
-                pixel_values=pixels.to(self.device),
+                pixel_values=self._pixel_values(pixels),
                 output_hidden_states=self.spec.layer is not None,
             )
             embeds = self.model.visual_projection(out.pooler_output)  # (B, E)

@@ -64,7 +64,6 @@ from extract.datasets import (
     Sample,
     load_dataset,
     modality_problem,
-    open_sample_image,
 )
 from extract.encoders import (
     Encoder,
@@ -277,6 +276,7 @@ class _ImageBatches(TorchDataset):
     ) -> None:
         self.batches = batches
         self.samples = samples  # a file path or an embedded-bytes reference per sample
+        self.load = encoder.load_image  # the reference loader, or the fast path's (draft decode)
         self.preprocess = encoder.preprocess
 
     def __len__(self) -> int:
@@ -287,7 +287,7 @@ class _ImageBatches(TorchDataset):
         images, ok, failures = [], [], []
         for r in rows:
             try:
-                images.append(open_sample_image(self.samples[r]))
+                images.append(self.load(self.samples[r]))
                 ok.append(r)
             except (ValueError, OSError) as e:
                 failures.append((r, "image-load", str(e).splitlines()[0]))
@@ -316,6 +316,7 @@ def extract(
     num_workers: int | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    exact_preprocess: bool = False,
     text_encoding: str | None = None,
     labels: Sequence[str] | None = None,
     columns: dict[str, str] | None = None,
@@ -363,6 +364,7 @@ def extract(
                 on_error=on_error,
                 num_workers=num_workers,
                 overwrite=overwrite,
+                exact_preprocess=exact_preprocess,
                 log=log,
                 t0=t0,
             )
@@ -390,6 +392,7 @@ def _extract_locked(
     on_error: str,
     num_workers: int | None,
     overwrite: bool,
+    exact_preprocess: bool = False,
     log: StageLog,
     t0: float,
 ) -> ExtractReport:
@@ -407,6 +410,8 @@ def _extract_locked(
 
     t_load = time.perf_counter()
     enc = build_encoder(spec, dev)
+    if note := enc.select_preprocess(exact=exact_preprocess):  # the fast path unless asked not to
+        log.note(note)
     log.stage(f"load model {spec.model} on {dev}", seconds=time.perf_counter() - t_load)
     startup = time.perf_counter() - t0
     config = cache_config(enc, ds, batch_size=batch_size, limit=limit)

@@ -13,7 +13,7 @@ import torch
 from cache import CacheError, DamagedCacheError, FeatureStore
 from cache.integrity import fix_line, verify_digests
 from cache.reader import check_openable, read_header, reading
-from extract.datasets import Dataset, load_dataset, open_sample_image
+from extract.datasets import Dataset, load_dataset
 from extract.encoders import Encoder, create_encoder
 
 # float16 storage keeps ~3 significant digits; batching/padding may move the last bit.
@@ -21,8 +21,9 @@ ATOL, RTOL = 2e-3, 4e-3
 
 
 def rebuild_encoder(config: dict, device: str = "auto") -> Encoder:
-    """The encoder a cache's config describes, loaded the same way `extract` loaded it."""
-    return create_encoder(
+    """The encoder a cache's config describes, loaded the same way `extract` loaded it
+    (images through the same path: the fast one when the config says so)."""
+    enc = create_encoder(
         config["encoder"],
         model=config.get("model"),
         layer=config.get("layer"),
@@ -30,6 +31,8 @@ def rebuild_encoder(config: dict, device: str = "auto") -> Encoder:
         device=device,
         precision=str(config.get("precision") or "auto").removesuffix("-autocast"),
     )
+    enc.select_preprocess(exact=config.get("preprocess") != "fast")
+    return enc
 
 
 def current_config(enc: Encoder, stored: dict, ds: Dataset | None = None) -> dict:
@@ -139,7 +142,7 @@ def recompute_row(enc: Encoder, sample) -> dict:
     if "text" in enc.modalities:
         out["text"] = enc.encode_text(enc.tokenize([sample.text or ""]))
     if "image" in enc.modalities:
-        pixels = torch.as_tensor(enc.preprocess([open_sample_image(sample)]))
+        pixels = torch.as_tensor(enc.preprocess([enc.load_image(sample)]))
         out["image"] = enc.encode_image(pixels)
     return out
 
