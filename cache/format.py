@@ -16,6 +16,11 @@ import numpy as np
 FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
 
+# Config keys that follow the data rather than the settings: `extract` refreshes a cache that
+# differs from the data only in these (and its manifest), and `cache merge` joins caches whose
+# settings agree apart from them.
+DATA_KEYS = ("classes", "text_encoding", "limit", "columns")
+
 # status [N] uint8
 TODO, OK, FAILED = 0, 1, 2
 

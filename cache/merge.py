@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 
 from cache.format import (
+    DATA_KEYS,
     MODALITIES,
     OK,
     CacheError,
@@ -46,9 +47,6 @@ from cache.integrity import read_rows
 from cache.reader import FeatureStore, decode_attr, reading
 from cache.writer import CacheWriter, exclusive_lock
 
-# Config keys that follow the data, not the settings: the same tuple as extract/loop.py's
-# DATA_KEYS (a test keeps them equal; importing extract/ here would load torch).
-DATA_KEYS = ("classes", "text_encoding", "limit", "columns")
 # Root attributes the writer sets itself; every other one is carried over from the first input.
 OWN_ATTRS = ("fusebench_format", "complete", "created", "config", "fingerprint", "digests")
 BLOCK = 256  # rows copied per read

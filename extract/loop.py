@@ -55,7 +55,7 @@ from cache import (
     rewrite_sources,
     temp_path,
 )
-from cache.format import canonical_json, describe_differences
+from cache.format import DATA_KEYS, canonical_json, describe_differences
 from cache.journal import Journal
 from cache.naming import cache_file
 from cache.reader import decode_attr, read_header
@@ -73,11 +73,6 @@ from extract.encoders import (
     modalities_of,
     resolve_device,
 )
-
-# Config keys that follow the data rather than the settings: when only these (and the
-# manifest) differ from an existing cache, `extract` refreshes it instead of asking for
-# --overwrite.
-DATA_KEYS = ("classes", "text_encoding", "limit", "columns")
 
 
 class ExtractError(RuntimeError):

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cache import FeatureStore, MergeError, TokenFeatures, fingerprint, merge_caches
 from cache.integrity import verify_digests
-from cache.merge import DATA_KEYS, merge_sources
+from cache.merge import merge_sources
 from cache.writer import temp_path, write_features
 from cli import app
 from tests.conftest import make_lab5
@@ -88,12 +88,6 @@ def clip_caches(corpus, tiny_models, tmp_path_factory) -> dict[str, Path]:
         name: extract(root / f"{name}.csv", tmp / name, "clip", model)
         for name in ("whole", "part1", "part2")
     }
-
-
-def test_data_keys_match_extract():
-    from extract.loop import DATA_KEYS as EXTRACT_DATA_KEYS
-
-    assert DATA_KEYS == EXTRACT_DATA_KEYS
 
 
 def test_merged_parts_equal_the_whole(clip_caches, tmp_path):
