@@ -63,8 +63,13 @@ def _options(
     pass
 
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT)
+_failed: list[str] = []  # the error line a command printed (main() adds none after it)
+
+
 def fail(message: str, code: int = 1) -> None:
     """One clear line on stderr, then exit."""
+    _failed.append(message)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -182,7 +187,7 @@ def extract(
     except OSError as e:  # a file-system fault the checks before the run could not foresee
         fail(f"{e.filename or out}: {e.strerror or e}; check the path and the disk, then rerun")
     except KeyboardInterrupt as e:
-        fail(str(e) or "interrupted; rerun the same command to resume", code=130)
+        fail(str(e) or "interrupted; rerun the same command to resume", code=INTERRUPTED)
     if rep.up_to_date:
         typer.echo(f"{rep.path} is up to date (same data and settings); nothing to do")
         return
@@ -751,6 +756,12 @@ def main() -> None:
         from fuse._util import os_error_line
 
         one_line(os_error_line(e), 1)
+    if code == INTERRUPTED and not _failed:  # Ctrl-C outside extract (which says it itself)
+        one_line(
+            "interrupted; nothing half-done was kept (a run folder is renamed into place only "
+            "when complete) — rerun the same command",
+            INTERRUPTED,
+        )
     sys.exit(code if isinstance(code, int) else 0)
 
 
