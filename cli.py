@@ -76,6 +76,28 @@ def fail(message: str, code: int = 1) -> None:
 
 # ---------------------------------------------------------------- stage one
 
+# the dataset-reading options `extract` and `data check` share
+TextEncodingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-encoding",
+        help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).",
+    ),
+]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry)."
+    ),
+]
+ColumnOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--column",
+        help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
+    ),
+]
+
 
 @app.command()
 def extract(
@@ -121,26 +143,9 @@ def extract(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a cache built from other data or settings.")
     ] = False,
-    text_encoding: Annotated[
-        str | None,
-        typer.Option(
-            "--text-encoding",
-            help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).",
-        ),
-    ] = None,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry)."
-        ),
-    ] = None,
-    column: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--column",
-            help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
-        ),
-    ] = None,
+    text_encoding: TextEncodingOpt = None,
+    labels: LabelsOpt = None,
+    column: ColumnOpt = None,
     exact_preprocess: Annotated[
         bool,
         typer.Option(
@@ -312,25 +317,9 @@ def data_check(
     data_format: Annotated[
         str | None, typer.Option("--format", help="lab5 | mvsa | manifest")
     ] = None,
-    text_encoding: Annotated[
-        str | None,
-        typer.Option(
-            "--text-encoding", help="Encoding of the texts that are not UTF-8 (default: detected)."
-        ),
-    ] = None,
-    labels: Annotated[
-        str | None,
-        typer.Option(
-            help="Classes in order, comma-separated (default: the labels the rows carry)."
-        ),
-    ] = None,
-    column: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--column",
-            help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
-        ),
-    ] = None,
+    text_encoding: TextEncodingOpt = None,
+    labels: LabelsOpt = None,
+    column: ColumnOpt = None,
 ) -> None:
     """Report every problem in a dataset, sample by sample (decodes every image): its
     classes, text encodings, and each bad sample by guid."""

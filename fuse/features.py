@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -416,28 +417,31 @@ def _common_reason(reasons: dict[int, str]) -> str:
     return f"{count} x {reason}"
 
 
-def _join(
-    ref: FeatureStore, other: FeatureStore, ref_ok: np.ndarray, other_ok: np.ndarray
-) -> np.ndarray:
-    """(N,) the usable row of `other` for each row of `ref` with the same guid (-1 when it has
-    none). Refuses files that are not of one dataset: other classes, guids one file lacks,
-    or another split or label for a guid usable in both."""
-    a, b = ref.path.name, other.path.name
-    if list(ref.classes) != list(other.classes):
+def check_one_dataset(
+    a: str, a_classes: Sequence[str], a_guid: np.ndarray,
+    b: str, b_classes: Sequence[str], b_guid: np.ndarray,
+) -> None:  # fmt: skip
+    """Refuses two caches (named a and b) that are not of one dataset: other classes, or a
+    guid that one of them lacks."""
+    if list(a_classes) != list(b_classes):
         raise FeatureMismatchError(
-            f"{a} and {b} disagree on classes ({', '.join(ref.classes)} vs "
-            f"{', '.join(other.classes)}); extract both from the same dataset"
+            f"{a} and {b} disagree on classes ({', '.join(a_classes)} vs "
+            f"{', '.join(b_classes)}); extract both from the same dataset"
         )
-    mine, theirs = set(ref.guid.tolist()), set(other.guid.tolist())
+    mine, theirs = set(a_guid.tolist()), set(b_guid.tolist())
     for g, x, y in ((sorted(mine - theirs), a, b), (sorted(theirs - mine), b, a)):
         if g:
             more = f" (and {len(g) - 1} more)" if len(g) > 1 else ""
             raise FeatureMismatchError(
                 f"guid {g[0]} is in {x} but not in {y}{more}; extract both from the same dataset"
             )
-    pos = {other.guid[i]: i for i in np.flatnonzero(other_ok).tolist()}
-    rows = np.fromiter((pos.get(g, -1) for g in ref.guid), dtype=np.int64, count=len(ref))
-    both = np.flatnonzero(ref_ok & (rows >= 0))
+
+
+def check_rows_agree(
+    a: str, ref: Any, b: str, other: Any, rows: np.ndarray, both: np.ndarray
+) -> None:
+    """Refuses two caches whose rows `both` of ref (matched to `rows` of other by guid) disagree
+    on split or label. ref / other: anything with guid, split and label arrays."""
     for what in ("split", "label"):
         left, right = getattr(ref, what)[both], getattr(other, what)[rows[both]]
         diff = np.flatnonzero(left != right)
@@ -448,6 +452,20 @@ def _join(
                 f"({left[diff[0]]} vs {right[diff[0]]}) and {diff.size - 1} more; "
                 "extract both from the same dataset"
             )
+
+
+def _join(
+    ref: FeatureStore, other: FeatureStore, ref_ok: np.ndarray, other_ok: np.ndarray
+) -> np.ndarray:
+    """(N,) the usable row of `other` for each row of `ref` with the same guid (-1 when it has
+    none). Refuses files that are not of one dataset: other classes, guids one file lacks,
+    or another split or label for a guid usable in both."""
+    a, b = ref.path.name, other.path.name
+    check_one_dataset(a, ref.classes, ref.guid, b, other.classes, other.guid)
+    pos = {other.guid[i]: i for i in np.flatnonzero(other_ok).tolist()}
+    rows = np.fromiter((pos.get(g, -1) for g in ref.guid), dtype=np.int64, count=len(ref))
+    both = np.flatnonzero(ref_ok & (rows >= 0))
+    check_rows_agree(a, ref, b, other, rows, both)
     return rows
 
 

@@ -36,9 +36,10 @@ from fuse._util import deep_merge, few, note
 from fuse.features import (
     MODALITIES,
     Excluded,
-    FeatureMismatchError,
     FeatureSet,
     Modality,
+    check_one_dataset,
+    check_rows_agree,
     load_feature_set,
 )
 from fuse.protocol import StratifiedProtocol
@@ -653,32 +654,13 @@ def _file(fs: FeatureSet) -> str:
 def _same_dataset(ref: FeatureSet, other: FeatureSet) -> np.ndarray:
     """(len(ref),) the row of `other` with each ref row's guid (-1: none usable); refuses
     caches of different datasets, as fuse.features does for a text and an image file."""
-    a, b = _file(ref), _file(other)
-    if list(ref.classes) != list(other.classes):
-        raise FeatureMismatchError(
-            f"{a} and {b} disagree on classes ({', '.join(ref.classes)} vs "
-            f"{', '.join(other.classes)}); extract both from the same dataset"
-        )
-    mine, theirs = set(ref.all_guid.tolist()), set(other.all_guid.tolist())
-    for g, x, y in ((sorted(mine - theirs), a, b), (sorted(theirs - mine), b, a)):
-        if g:
-            more = f" (and {len(g) - 1} more)" if len(g) > 1 else ""
-            raise FeatureMismatchError(
-                f"guid {g[0]} is in {x} but not in {y}{more}; extract both from the same dataset"
-            )
+    check_one_dataset(
+        _file(ref), ref.classes, ref.all_guid, _file(other), other.classes, other.all_guid
+    )
     pos = {g: i for i, g in enumerate(other.guid.tolist())}
     rows = np.fromiter((pos.get(g, -1) for g in ref.guid.tolist()), np.int64, len(ref))
     both = np.flatnonzero(rows >= 0)
-    for what in ("split", "label"):
-        left, right = getattr(ref, what)[both], getattr(other, what)[rows[both]]
-        diff = np.flatnonzero(left != right)
-        if diff.size:
-            i = int(both[diff[0]])
-            raise FeatureMismatchError(
-                f"{a} and {b} disagree on the {what} of guid {ref.guid[i]} "
-                f"({left[diff[0]]} vs {right[diff[0]]}) and {diff.size - 1} more; "
-                "extract both from the same dataset"
-            )
+    check_rows_agree(_file(ref), ref, _file(other), other, rows, both)
     return rows
 
 
