@@ -20,9 +20,7 @@ keep every finished batch for the rerun.
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -55,7 +53,7 @@ from cache import (
     rewrite_sources,
     temp_path,
 )
-from cache.format import DATA_KEYS, canonical_json, describe_differences
+from cache.format import DATA_KEYS, canonical_json, describe_differences, write_error
 from cache.journal import Journal
 from cache.naming import cache_file
 from cache.reader import decode_attr, read_header
@@ -223,23 +221,9 @@ def check_output(final: Path) -> None:
 
 
 def os_error_line(e: OSError, where: Path, kept: str = "") -> str:
-    """One line for a file-system fault: the path, what the system said, and the fix.
-    h5py's OSErrors carry no errno attribute, only 'errno = 28' in their text."""
-    code = e.errno
-    if code is None and (m := re.search(r"errno = (\d+)", str(e))):
-        code = int(m[1])
-    path = e.filename or where
-    reason = os.strerror(code) if code else (" ".join(str(e).split()) or type(e).__name__)
-    rerun = f"; then rerun the same command{kept}" if kept else ""
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        fix = f"free space there or pass --out on another disk{rerun}"
-    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"pass --out a folder you can write to, or fix its permissions{rerun}"
-    elif code == errno.ENAMETOOLONG:
-        fix = f"pass a shorter --out path{rerun}"
-    else:
-        fix = f"check the disk and the path{rerun}"
-    return f"cannot write {path} ({reason}); {fix}"
+    """One line for a file-system fault: the path, what the system said, and the fix (the
+    cache's own wording, cache.format.write_error)."""
+    return str(write_error(Path(e.filename or where), e, kept))
 
 
 def plan_batches(
