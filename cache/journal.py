@@ -18,7 +18,9 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -57,9 +59,8 @@ class Journal:
         return self._plan
 
     def save_plan(self, plan: dict) -> None:
-        self._atomic_write(
-            "plan.json", json.dumps({"fingerprint": self.fingerprint, "plan": plan}).encode()
-        )
+        data = json.dumps({"fingerprint": self.fingerprint, "plan": plan}).encode()
+        self._atomic_write("plan.json", lambda fh: fh.write(data))
         self._plan = plan
 
     def done(self, modality: str) -> set[int]:
@@ -97,18 +98,7 @@ class Journal:
             for k, v in feats.pooled.items():
                 arrays[f"pooled:{k}"] = v
             arrays["pooling"] = np.asarray(json.dumps(feats.pooling))
-        name = f"{modality}-{batch:06d}.npz"
-        tmp = self.folder / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.folder / name)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise write_error(self.folder / name, e, KEPT) from None
+        self._atomic_write(f"{modality}-{batch:06d}.npz", lambda fh: np.savez(fh, **arrays))
 
     def load(self, modality: str, batch: int) -> tuple[np.ndarray, TokenFeatures | None, list]:
         """A part `done` accepted. Should it fail now (damaged since), it is removed and one
@@ -154,11 +144,13 @@ class Journal:
             return None
         return batches[batch] if 0 <= batch < len(batches) else []
 
-    def _atomic_write(self, name: str, data: bytes) -> None:
+    def _atomic_write(self, name: str, write: Callable[[BinaryIO], object]) -> None:
+        """write(fh) fills `.name.tmp`, which is fsynced and renamed to `name`: a kill at any
+        moment leaves the whole file or none. A fault (disk full) removes the tmp."""
         tmp = self.folder / f".{name}.tmp"
         try:
             with open(tmp, "wb") as fh:
-                fh.write(data)
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.folder / name)
