@@ -23,7 +23,7 @@ import hashlib
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,18 +48,29 @@ class StaleCacheError(CacheError):
 
 
 def record_sources(
-    root: Path, rows: Iterable[tuple[str, list[Path], tuple[Path, int] | None]]
+    root: Path,
+    rows: Iterable[tuple[str, list[Path], tuple[Path, int] | None]],
+    known: Mapping[Path, str] | None = None,
 ) -> dict:
     """rows: (guid, the data files the sample was read from, (index file, 1-based line) or None).
-    Returns a JSON-able record of every file (see the module docstring)."""
+    known: sha256 of files the caller has just hashed (the dataset reader hashes every text and
+    image for the manifest), so a 100k-image dataset is not read twice. Returns a JSON-able
+    record of every file (see the module docstring)."""
     root = Path(root).resolve()
     files: dict[str, dict] = {}
     lines_of: dict[str, list[bytes]] = {}  # index file -> its lines, read once
+    known = {Path(p): sha for p, sha in (known or {}).items() if sha}
 
     def entry(path: Path) -> tuple[str, dict]:
         key = _key(root, Path(path))
         if key not in files:
-            files[key] = _describe(_where(root, key), hashed=True)
+            sha = known.get(Path(path))
+            described = _describe(_where(root, key), hashed=sha is None)
+            files[key] = (
+                described
+                if sha is None or described.get("missing")
+                else described | {"sha256": sha}
+            )
         return key, files[key]
 
     for guid, paths, index_line in rows:

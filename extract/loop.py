@@ -489,9 +489,14 @@ def _extract_locked(
 
 def _sources(ds: Dataset, samples: Sequence[Sample]) -> dict:
     """What the data files look like now (cache/sources.py), for stage two's stale check."""
+    known = {}  # the reader hashed every text and image file already (manifest shas)
+    for s in samples:
+        known.update({s.text_path: s.text_sha, s.image_path: s.image_sha})
+    known.pop(None, None)
     return record_sources(
         Path(ds.root),
         [(s.guid, [p for p in s.source_files() if p.is_file()], s.index_line) for s in samples],
+        known,
     )
 
 

@@ -102,3 +102,27 @@ def test_a_refresh_over_a_damaged_cache_rebuilds_every_row(built, tiny_models):
     store = FeatureStore.open(final)
     assert store.ok().all() and check_fresh(store) == []
     shutil.rmtree(out)
+
+
+def test_extract_reads_each_data_file_once_for_the_source_record(
+    tiny_models, tmp_path, monkeypatch
+):
+    """The reader hashes every text and image for the manifest; the record of the data files
+    stage two checks reuses those hashes (only the index files are hashed again), and it still
+    holds the right sha256 of each file."""
+    import hashlib
+
+    import cache.sources as sources
+
+    data = make_lab5(tmp_path / "lab5-mini", n_train=6, n_test=2)
+    hashed: list[Path] = []
+    real = sources._hash
+    monkeypatch.setattr(sources, "_hash", lambda p: hashed.append(Path(p)) or real(p))
+    final = extract(data, "bert", model=str(tiny_models["bert"]), out=tmp_path / "out",
+                    batch_size=4, quiet=True).path  # fmt: skip
+    assert {p.name for p in hashed} <= {"train.txt", "test_without_label.txt"}, hashed
+    store = FeatureStore.open(final, modalities=(), tokens=False)
+    files = store.sources["files"]
+    for name in ("data/100.txt", "data/100.jpg"):
+        assert files[name]["sha256"] == hashlib.sha256((data / name).read_bytes()).hexdigest()
+    assert check_fresh(store) == []
