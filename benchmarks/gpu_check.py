@@ -143,12 +143,45 @@ class Steps:
             self.rows.append({"step": name, "failed": f"exit {done.returncode}", "tail": tail})
             return None
         row = {"step": name, "seconds": round(seconds, 2)}
+        # extract's line-per-stage log (stderr is not a terminal): where the seconds went
+        stages = [ln.strip() for ln in done.stderr.splitlines() if ln.startswith("extract ")]
+        for line in stages:
+            print(f"       {line}", flush=True)
+        if stages:
+            row["stages"] = stages
         if units:
             row[f"{unit}/s"] = round(units / seconds, 1)
         self.rows.append(row)
         rate = f", {units / seconds:,.0f} {unit}/s" if units else ""
         print(f"[done] {name}: {seconds:.1f} s{rate}", flush=True)
         return seconds
+
+
+TORCH_HEADS = ("concat_mlp", "late", "gated", "clip_match", "text_only", "image_only", "cross_attn")
+
+
+def fit_times(batched_runs: Path, single_runs: Path) -> dict:
+    """Per torch head: seconds spent fitting its folds x seeds, batched vs one at a time
+    (results.csv: train_time_s_mean x runs; a batched member's time is its group's share)."""
+    import csv
+
+    def per_head(runs: Path) -> dict[str, float]:
+        (table,) = runs.glob("*/results.csv")
+        with table.open(newline="") as f:
+            return {
+                r["head"]: float(r["train_time_s_mean"]) * int(r["runs"])
+                for r in csv.DictReader(f)
+                if r["head"] in TORCH_HEADS
+            }
+
+    b, s = per_head(batched_runs), per_head(single_runs)
+    row = {"step": "fit seconds per torch head: one-at-a-time / batched"}
+    print("fit seconds per head (folds x seeds): one at a time -> batched")
+    for head in TORCH_HEADS:
+        if head in b and head in s and b[head] > 0:
+            row[head] = f"{s[head]:.1f} -> {b[head]:.1f} s ({s[head] / b[head]:.2f}x)"
+            print(f"  {head:12s} {row[head]}", flush=True)
+    return row
 
 
 def main() -> None:
@@ -186,7 +219,7 @@ def main() -> None:
     steps = Steps(work, args.budget_s, env)
     feats = work / "features"
     shutil.rmtree(feats, ignore_errors=True)
-    common = ["--data", str(data), "--device", device, "--random-init", "--quiet"]
+    common = ["--data", str(data), "--device", device, "--random-init"]
     common += ["--precision", "fp32" if smoke else "bf16", "--workers", str(workers)]
     common += ["--batch-size", "32" if smoke else "256"]
     steps.run(
@@ -223,17 +256,20 @@ def main() -> None:
         )
 
     if not args.skip_compare:
-        grid = ["compare", "--heads", "all", "--features", str(feats / "gpu4k")]
-        grid += ["--text", "bert", "--image", "vit", "--device", device, "--quiet"]
+        grid = ["compare", "--features", str(feats / "gpu4k"), "--text", "bert"]
+        grid += ["--image", "vit", "--device", device, "--quiet"]
         grid += ["--folds", "2", "--seeds", "42", "--epochs", "2"] if smoke else []
         grid += [] if smoke else ["--folds", "5", "--seeds", "42,43"]
-        batched = steps.run("compare all heads, batched", [*grid, "--out", str(work / "runs")])
-        single = steps.run(
-            "compare all heads, one at a time",
-            [*grid, "--one-at-a-time", "--out", str(work / "runs-one")],
+        batched = steps.run(
+            "compare all heads, batched", [*grid, "--heads", "all", "--out", str(work / "runs")]
+        )
+        single = steps.run(  # the baseline for the torch heads only: the others do not batch
+            "compare torch heads, one at a time",
+            [*grid, "--heads", ",".join(TORCH_HEADS), "--one-at-a-time"]
+            + ["--out", str(work / "runs-one")],
         )
         if batched and single:
-            print(f"compare one-at-a-time / batched: {single / batched:.2f}x")
+            steps.rows.append(fit_times(work / "runs", work / "runs-one"))
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f} s on {device}")
     for row in steps.rows:
