@@ -108,7 +108,11 @@ def extract(
         ),
     ],
     encoder: Annotated[
-        str, typer.Option(help="vit | bert | clip | minilm | hf:<id-or-path>")
+        str,
+        typer.Option(
+            help="vit | bert | clip | minilm | hf:<id-or-path>; a comma list (vit,clip,bert) "
+            "runs them in one pass, each image decoded once, one cache each."
+        ),
     ] = "minilm",
     out: Annotated[
         Path, typer.Option(help="Features root; writes OUT/<dataset>/<encoder>.h5.")
@@ -164,9 +168,7 @@ def extract(
     if on_error not in ("skip", "fail"):
         fail("--on-error must be skip or fail", code=2)
     try:
-        rep = run_extract(
-            data,
-            encoder,
+        kw = dict(
             out=out,
             model=model,
             layer=layer,
@@ -185,6 +187,12 @@ def extract(
             labels=split_labels(labels),
             columns=parse_columns(column),
         )
+        if "," in encoder:  # several encoders, one pass over the data
+            from extract.multi import extract_many
+
+            reps = extract_many(data, encoder, **kw)
+        else:
+            reps = [run_extract(data, encoder, **kw)]
     except (ExtractError, CacheError) as e:
         fail(" ".join(str(e).split()))
     except (ValueError, FileNotFoundError) as e:
@@ -193,6 +201,14 @@ def extract(
         fail(f"{e.filename or out}: {e.strerror or e}; check the path and the disk, then rerun")
     except KeyboardInterrupt as e:
         fail(str(e) or "interrupted; rerun the same command to resume", code=INTERRUPTED)
+    for rep in reps:
+        if rep.rank:  # a torchrun rank above 0 printed "rank r: computed k batches"; rank 0 reports
+            continue
+        _echo_extract_report(rep)
+
+
+def _echo_extract_report(rep) -> None:
+    """What `extract` prints for one cache: up to date, written or refreshed, and failures."""
     if rep.up_to_date:
         typer.echo(f"{rep.path} is up to date (same data and settings); nothing to do")
         return
@@ -421,6 +437,15 @@ AllowStale = Annotated[
     ),
 ]
 
+MemoryBudget = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        help="RAM for cached features, e.g. 1GB or 512MB (default: half the available RAM). "
+        "Token arrays over it are read from the cache file in row blocks, not loaded.",
+    ),
+]
+
 
 def _run_stage_two(call):
     """Calls into fuse/; an error the user can fix becomes one line on stderr: exit code 2
@@ -491,6 +516,16 @@ def fuse_cmd(
     class_weights: ClassWeights = False,
     set_: SetOpt = None,
     allow_stale: AllowStale = False,
+    memory_budget: MemoryBudget = None,
+    one_at_a_time: Annotated[
+        bool,
+        typer.Option(
+            "--one-at-a-time",
+            help="Train a torch head's folds x seeds one fit after another (the baseline) "
+            "instead of together as one stacked model (same rows, order and early stopping; "
+            "only dropout masks are drawn differently).",
+        ),
+    ] = False,
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,
@@ -519,6 +554,8 @@ def fuse_cmd(
         class_weights=class_weights,
         set_=set_,
         allow_stale=allow_stale,
+        memory_budget=memory_budget,
+        one_at_a_time=one_at_a_time,
     )
 
 
@@ -560,6 +597,16 @@ def compare(
         ),
     ] = None,
     allow_stale: AllowStale = False,
+    memory_budget: MemoryBudget = None,
+    one_at_a_time: Annotated[
+        bool,
+        typer.Option(
+            "--one-at-a-time",
+            help="Train a torch head's folds x seeds one fit after another (the baseline) "
+            "instead of together as one stacked model (same rows, order and early stopping; "
+            "only dropout masks are drawn differently).",
+        ),
+    ] = False,
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,
@@ -603,6 +650,8 @@ def compare(
         set_=set_,
         sweep=sweep,
         allow_stale=allow_stale,
+        memory_budget=memory_budget,
+        one_at_a_time=one_at_a_time,
     )
 
 

@@ -125,7 +125,8 @@ class Steps:
             print(f"[skip] {name}: the {self.budget_s:.0f} s budget is spent", flush=True)
             self.rows.append({"step": name, "skipped": "budget spent"})
             return None
-        cmd = [sys.executable, str(REPO / "cli.py"), *args]
+        script = args[0] if args[0].endswith(".py") else "cli.py"  # a benchmark, or the CLI
+        cmd = [sys.executable, str(REPO / script), *args[script != "cli.py" :]]
         print(f"[run ] {name}: {' '.join(args)}", flush=True)
         t0 = time.perf_counter()
         try:
@@ -149,6 +150,9 @@ class Steps:
             print(f"       {line}", flush=True)
         if stages:
             row["stages"] = stages
+        if script != "cli.py":  # a benchmark's own table
+            print("       " + done.stdout.strip().replace("\n", "\n       "), flush=True)
+            row["output"] = done.stdout.strip().splitlines()
         if units:
             row[f"{unit}/s"] = round(units / seconds, 1)
         self.rows.append(row)
@@ -218,7 +222,8 @@ def main() -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     steps = Steps(work, args.budget_s, env)
     feats = work / "features"
-    shutil.rmtree(feats, ignore_errors=True)
+    for old in [*work.glob("features*"), *work.glob("runs*")]:  # every step from scratch
+        shutil.rmtree(old, ignore_errors=True)
     common = ["--data", str(data), "--device", device, "--random-init"]
     common += ["--precision", "fp32" if smoke else "bf16", "--workers", str(workers)]
     common += ["--batch-size", "32" if smoke else "256"]
@@ -255,6 +260,13 @@ def main() -> None:
             f"one pass vs two runs: {both:.1f} s vs {vit + clip:.1f} s = {(vit + clip) / both:.2f}x"
         )
 
+    pooled = [h for h in TORCH_HEADS if h != "cross_attn"]
+    steps.run(  # in one run, per pooled torch head: 5 folds x 2 seeds batched vs one at a time
+        "batched vs one-at-a-time fits, pooled torch heads",
+        ["benchmarks/batched_heads.py", "--device", device, "--heads", ",".join(pooled)]
+        + ["--features", str(feats / "gpu4k"), "--text", "bert", "--image", "vit"]
+        + ["--epochs", "2" if smoke else "5"],
+    )
     if not args.skip_compare:
         grid = ["compare", "--features", str(feats / "gpu4k"), "--text", "bert"]
         grid += ["--image", "vit", "--device", device, "--quiet"]

@@ -38,8 +38,10 @@ from cache.integrity import (
     read_dataset,
     stored_digests,
 )
+from cache.lazy import BlockCache, LazyRows
 from cache.writer import temp_path
 
+LAZY_DEFAULT_BYTES = 256 << 20  # block cache of a store opened with `stream` but no cache
 REQUIRED = ("guid", "split", "label", "status", "manifest")  # datasets every cache has
 
 
@@ -83,9 +85,16 @@ class FeatureStore:
         tokens: bool = True,
         config: dict | None = None,
         manifest: list[dict] | None = None,
+        stream: Iterable[str] = (),
+        block_cache: BlockCache | None = None,
     ) -> FeatureStore:
         """Loads a finished cache. Pass `config` and/or `manifest` (what the data and the encoder
-        look like now) to refuse a cache that was built from something else."""
+        look like now) to refuse a cache that was built from something else. stream: modalities
+        whose token arrays stay in the file, read on demand in row blocks through `block_cache`
+        (cache/lazy.py LazyRows; masks and pooled vectors are small and always loaded)."""
+        stream = set(stream)
+        if stream and block_cache is None:
+            block_cache = BlockCache(LAZY_DEFAULT_BYTES)
         path = Path(path)
         check_openable(path)
         with reading(path) as f:
@@ -114,7 +123,9 @@ class FeatureStore:
             if "sources" in f:
                 sources = _json(path, "sources", str(small("sources")[()]))
             feats = {
-                m: _read_modality(f[m], path, tokens, digests, len(guid))
+                m: _read_modality(
+                    f[m], path, tokens, digests, len(guid), block_cache if m in stream else None
+                )
                 for m in modalities
                 if m in f
             }
@@ -364,19 +375,27 @@ def parts_dir(path: Path) -> Path:
 
 
 def _read_modality(
-    g: h5py.Group, path: Path, tokens: bool, digests: dict[str, str] | None, n: int
+    g: h5py.Group,
+    path: Path,
+    tokens: bool,
+    digests: dict[str, str] | None,
+    n: int,
+    block_cache: BlockCache | None = None,
 ) -> TokenFeatures:
     """Pooled vectors and the mask are checked against their digests; tokens (the bulk of the
-    file) rely on the fletcher32 checksum of every chunk (`cache verify` checks their digests)."""
+    file) rely on the fletcher32 checksum of every chunk (`cache verify` checks their digests).
+    With a block_cache, tokens are not read now: a LazyRows reads them on demand."""
     pooled, pooling = {}, {}
 
-    def load(name: str, check: bool) -> np.ndarray:
+    def load(name: str, check: bool, lazy: bool = False) -> np.ndarray | LazyRows:
         ds = g[name]
         if ds.ndim == 0 or ds.shape[0] != n:
             raise DamagedCacheError(
                 f"{path} is damaged: `{ds.name.lstrip('/')}` has shape {ds.shape}, not {n} rows; "
                 f"{fix_line(path)}"
             )
+        if lazy:
+            return LazyRows.of(ds, path, block_cache)
         a = read_dataset(ds, path)
         if check:
             check_digest(path, ds.name.lstrip("/"), a, digests)
@@ -387,7 +406,7 @@ def _read_modality(
             pooled[name] = load(name, True)
             pooling[name] = decode_attr(ds.attrs.get("pooling", ""))
     return TokenFeatures(
-        tokens=load("tokens", False) if tokens and "tokens" in g else None,
+        tokens=load("tokens", False, block_cache is not None) if tokens and "tokens" in g else None,
         mask=load("mask", True) if tokens and "mask" in g else None,
         pooled=pooled,
         pooling=pooling,

@@ -57,12 +57,14 @@ from cache.format import DATA_KEYS, canonical_json, describe_differences, write_
 from cache.journal import Journal
 from cache.naming import cache_file
 from cache.reader import decode_attr, read_header
+from extract import distributed
 from extract.datasets import (
     Dataset,
     Sample,
     load_dataset,
     modality_problem,
 )
+from extract.distributed import SINGLE, Shard
 from extract.encoders import (
     Encoder,
     EncoderSpec,
@@ -98,6 +100,7 @@ class ExtractReport:
     startup_seconds: float = 0.0  # reading the dataset index and loading the model
     refreshed: bool = False  # the data changed since the existing cache was built
     kept: int = 0  # refresh: rows whose features were copied from the existing cache
+    rank: int = 0  # torchrun: > 0 on the ranks that computed a share and left rank 0 to write
 
 
 @dataclass
@@ -304,36 +307,39 @@ def extract(
 
     Order of checks: options, the encoder's spec (YAML, name, hf: path) and the device, the
     dataset index, the --out location, the lock; only then the model loads."""
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
-    if batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    if limit is not None and limit < 1:
-        raise ValueError("--limit must be at least 1")
+    shard = distributed.Shard.current()  # rank 0 of 1 outside torchrun
     t0 = time.perf_counter()
-    spec = load_spec(
-        encoder, model=model, layer=layer, random_init=random_init, precision=precision
-    )
-    dev = resolve_device(device)
-    log = StageLog(f"extract {spec.name}", quiet)
-    t_read = time.perf_counter()
-    # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
-    ds = load_dataset(
-        data,
-        data_format,
-        check_images=on_error == "fail",
-        text_encoding=text_encoding,
-        labels=labels,
-        columns=columns,
-    )
-    if missing := modality_problem(ds, modalities_of(spec), spec.name):  # text-/image-only data
-        raise ValueError(missing)
-    log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
-    final = cache_path(out, ds.name, encoder)
-    check_output(final)
+    with distributed.checked(shard):  # under torchrun: one rank failing these fails them all
+        if on_error not in ("skip", "fail"):
+            raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
+        if batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if limit is not None and limit < 1:
+            raise ValueError("--limit must be at least 1")
+        spec = load_spec(
+            encoder, model=model, layer=layer, random_init=random_init, precision=precision
+        )
+        dev = resolve_device(distributed.rank_device(device, shard))
+        log = StageLog(f"extract {spec.name}{shard.tag}", quiet)
+        t_read = time.perf_counter()
+        # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
+        ds = load_dataset(
+            data,
+            data_format,
+            check_images=on_error == "fail",
+            text_encoding=text_encoding,
+            labels=labels,
+            columns=columns,
+        )
+        if missing := modality_problem(ds, modalities_of(spec), spec.name):  # text-/image-only
+            raise ValueError(missing)
+        log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
+        final = cache_path(out, ds.name, encoder)
+        check_output(final)
     try:
-        with exclusive_lock(final):  # before the model loads: a second writer hears at once
-            rep = _extract_locked(
+        if shard.rank > 0:  # computes its share of rank 0's plan; rank 0 alone writes the cache
+            rep = distributed.follow(
+                shard,
                 ds,
                 final,
                 spec,
@@ -342,11 +348,27 @@ def extract(
                 limit=limit,
                 on_error=on_error,
                 num_workers=num_workers,
-                overwrite=overwrite,
                 exact_preprocess=exact_preprocess,
                 log=log,
-                t0=t0,
             )
+        else:
+            with exclusive_lock(final):  # before the model loads: a second writer hears at once
+                rep = _extract_locked(
+                    ds,
+                    final,
+                    spec,
+                    dev,
+                    batch_size=batch_size,
+                    limit=limit,
+                    on_error=on_error,
+                    num_workers=num_workers,
+                    overwrite=overwrite,
+                    exact_preprocess=exact_preprocess,
+                    log=log,
+                    t0=t0,
+                    shard=shard,
+                )
+            distributed.announce_end(shard, None)  # up to date: the others have nothing to do
     except KeyboardInterrupt:
         parts = parts_dir(final)
         n = len(list(parts.glob("*.npz"))) if parts.is_dir() else 0
@@ -356,6 +378,9 @@ def extract(
             else "nothing was written; rerun the same command to start again"
         )
         raise ExtractInterrupted(f"interrupted; {kept}") from None
+    except Exception as e:
+        distributed.announce_end(shard, e)  # rank 0 stopped before handing out the plan
+        raise
     rep.seconds = time.perf_counter() - t0
     return rep
 
@@ -374,25 +399,121 @@ def _extract_locked(
     exact_preprocess: bool = False,
     log: StageLog,
     t0: float,
+    shard: Shard = SINGLE,
 ) -> ExtractReport:
+    samples, blocked, good = _usable_rows(ds, spec, limit, on_error)  # before the model loads
+    enc = _load_encoder(spec, dev, exact_preprocess, log)
+    job = _prepare(
+        ds,
+        final,
+        enc,
+        samples,
+        blocked,
+        good,
+        batch_size=batch_size,
+        limit=limit,
+        overwrite=overwrite,
+        log=log,
+        startup=time.perf_counter() - t0,
+    )
+    if isinstance(job, ExtractReport):  # up to date
+        return job
+    try:
+        computed = _compute(
+            enc,
+            samples,
+            job.plan,
+            job.journal,
+            job.done,
+            on_error,
+            num_workers,
+            log,
+            bar=job.bar(live=log.live),
+            shard=shard,
+        )
+    except OSError as e:
+        raise ExtractError(os_error_line(e, job.journal.folder, KEPT)) from None
+    return _finish(job, computed, log)
+
+
+KEPT = " (every finished batch is kept)"
+
+
+@dataclass
+class Job:
+    """One cache's extraction once `_prepare` has planned it: the phases between (compute,
+    `_finish`) need only this, so one pass over the data can drive several caches
+    (extract/multi.py) and each still ends exactly as a run of its own would."""
+
+    ds: Dataset
+    final: Path
+    enc: Encoder
+    samples: Sequence[Sample]
+    blocked: dict[int, list]  # row -> its fatal data problems (never planned)
+    config: dict
+    manifest: list[dict]
+    journal: Journal
+    plan: Plan
+    done: dict[str, set[int]]  # modality -> journalled batches (an earlier, stopped run)
+    reused: int  # rows of those batches
+    total: int  # rows of every planned batch
+    startup: float
+
+    def bar(self, *, live: bool) -> dict:
+        """tqdm arguments of this cache's progress bar."""
+        desc = f"{self.enc.spec.name} {self.ds.name}"
+        return dict(total=self.total, initial=self.reused, disable=not live, desc=desc)
+
+
+def _usable_rows(
+    ds: Dataset, spec: EncoderSpec, limit: int | None, on_error: str
+) -> tuple[Sequence[Sample], dict[int, list], dict[str, list[int]]]:
+    """(samples, blocked rows, good rows per modality) for `spec`'s modalities; ExtractError
+    when a data problem stops the run (--on-error fail, or every sample failed): checked
+    before the model loads."""
     samples = ds.samples[:limit] if limit else ds.samples
     modalities = modalities_of(spec)
     blocked = {i: s.failed(modalities) for i, s in enumerate(samples)}
     blocked = {i: p for i, p in blocked.items() if p}
-    if blocked and (on_error == "fail" or len(blocked) == len(samples)):  # before the model loads
+    if blocked and (on_error == "fail" or len(blocked) == len(samples)):
         i = min(blocked)
         why = blocked[i][0].reason
         if on_error == "fail":
             raise ExtractError(_fail_line(samples[i].guid, why))
         raise ExtractError(_all_failed_line(len(samples), samples[i].guid, why, ds.root))
     good = {m: [i for i in range(len(samples)) if i not in blocked] for m in modalities}
+    return samples, blocked, good
 
+
+def _load_encoder(
+    spec: EncoderSpec, dev: torch.device, exact_preprocess: bool, log: StageLog
+) -> Encoder:
+    """The model, with its image path chosen (the fast path unless asked not to)."""
     t_load = time.perf_counter()
     enc = build_encoder(spec, dev)
-    if note := enc.select_preprocess(exact=exact_preprocess):  # the fast path unless asked not to
+    if note := enc.select_preprocess(exact=exact_preprocess):
         log.note(note)
     log.stage(f"load model {spec.model} on {dev}", seconds=time.perf_counter() - t_load)
-    startup = time.perf_counter() - t0
+    return enc
+
+
+def _prepare(
+    ds: Dataset,
+    final: Path,
+    enc: Encoder,
+    samples: Sequence[Sample],
+    blocked: dict[int, list],
+    good: dict[str, list[int]],
+    *,
+    batch_size: int,
+    limit: int | None,
+    overwrite: bool,
+    log: StageLog,
+    startup: float,
+) -> Job | ExtractReport:
+    """Fingerprint, the existing cache (up to date: its report; refresh: the rows to copy),
+    the journal and the plan (saved before any batch runs)."""
+    modalities = enc.modalities
     config = cache_config(enc, ds, batch_size=batch_size, limit=limit)
     manifest = ds.manifest()[: len(samples)]
     fp = fingerprint(config, manifest)
@@ -425,63 +546,74 @@ def _extract_locked(
     except OSError as e:
         raise ExtractError(os_error_line(e, parts_dir(final))) from None
 
-    done = {m: journal.done(m) for m in enc.modalities}
+    done = {m: journal.done(m) for m in modalities}
     for message in journal.notes:  # a damaged plan or part, discarded and computed again
         log.note(message)
     reused = sum(
         len(b)
         for m, bs in (("text", plan.text_batches), ("image", plan.image_batches))
-        if m in enc.modalities
+        if m in modalities
         for i, b in enumerate(bs)
         if i in done[m]
     )
     total = sum(map(len, plan.text_batches)) + sum(map(len, plan.image_batches))
-    kept = " (every finished batch is kept)"
-    try:
-        computed = _compute(
-            enc,
-            samples,
-            plan,
-            journal,
-            done,
-            on_error,
-            num_workers,
-            log,
-            bar=dict(
-                total=total, initial=reused, disable=not log.live, desc=f"{spec.name} {ds.name}"
-            ),
-        )
-    except OSError as e:
-        raise ExtractError(os_error_line(e, journal.folder, kept)) from None
+    return Job(
+        ds,
+        final,
+        enc,
+        samples,
+        blocked,
+        config,
+        manifest,
+        journal,
+        plan,
+        done,
+        reused,
+        total,
+        startup,
+    )
 
+
+def _finish(job: Job, computed: int, log: StageLog) -> ExtractReport:
+    """Every planned batch is journalled: assemble the cache, drop the journal, report."""
+    final, plan, journal = job.final, job.plan, job.journal
     t_write = time.perf_counter()
-    sources = _sources(ds, samples)
+    sources = _sources(job.ds, job.samples)
     try:
         status, errors = _assemble(
-            final, ds, samples, enc, plan, journal, blocked, config, manifest, sources
+            final,
+            job.ds,
+            job.samples,
+            job.enc,
+            plan,
+            journal,
+            job.blocked,
+            job.config,
+            job.manifest,
+            sources,
         )
     except OSError as e:
-        raise ExtractError(os_error_line(e, temp_path(final), kept)) from None
+        raise ExtractError(os_error_line(e, temp_path(final), KEPT)) from None
     except ExtractError:
         journal.remove()  # nothing usable came out of it: no cache, nothing to resume
         raise
     journal.remove()
-    log.stage(f"write {final}", len(samples), time.perf_counter() - t_write, unit="rows")
+    log.stage(f"write {final}", len(job.samples), time.perf_counter() - t_write, unit="rows")
 
     real = sum(len(v) for v in plan.text_ids.values())
     padded = sum(len(b) * max(len(plan.text_ids[r]) for r in b) for b in plan.text_batches)
     return ExtractReport(
         path=final,
-        rows=len(samples),
+        rows=len(job.samples),
         ok=int((status == OK).sum()),
         failed=int((status == FAILED).sum()),
         computed=computed,
-        reused=reused,
+        reused=job.reused,
         seconds=0.0,
         real_tokens=real,
         computed_tokens=padded,
         problems=errors,
-        startup_seconds=startup,
+        startup_seconds=job.startup,
         refreshed=bool(plan.reuse_from),
         kept=sum(len(pairs) for pairs in plan.reuse.values()),
     )
@@ -539,14 +671,58 @@ def _compute(
     num_workers: int | None,
     log: StageLog,
     bar: dict,
+    shard: Shard = SINGLE,
 ) -> int:
     """Runs every planned batch not in the journal; returns how many rows it computed. Each
-    modality's stage ends with one `log` line (rows computed, samples/s)."""
+    modality's stage ends with one `log` line (rows computed, samples/s).
+
+    Under torchrun (extract/distributed.py) each rank runs only its own batches; rank 0 first
+    hands the plan to the others, and every rank's outcome is exchanged at the end, so one
+    rank's failure stops them all. Returns the rows of every rank together."""
+    if not shard.many:
+        return _compute_share(enc, samples, plan, journal, done, on_error, num_workers, log, bar)
+    distributed.announce(shard, distributed.Work(journal.fingerprint, enc.config(), plan, done))
+    own = [  # (modality, batch, rows) of this rank's batches: its bar counts those alone
+        (m, b, len(rows))
+        for m, batches in (("text", plan.text_batches), ("image", plan.image_batches))
+        for b, rows in enumerate(batches)
+        if shard.mine(b)
+    ]
+    bar = bar | dict(
+        total=sum(n for _, _, n in own),
+        initial=sum(n for m, b, n in own if b in done.get(m, ())),
+    )
+    try:
+        rows = _compute_share(
+            enc, samples, plan, journal, done, on_error, num_workers, log, bar, shard
+        )
+    except Exception as e:  # the others hear of it, then it surfaces here as it would alone
+        distributed.settle(shard, error=e)
+        raise
+    total = distributed.settle(shard, rows)
+    if shard.rank == 0 and (lost := distributed.missing_parts(journal, plan, enc.modalities)):
+        raise ExtractError(lost)
+    return total
+
+
+def _compute_share(
+    enc: Encoder,
+    samples: Sequence[Sample],
+    plan: Plan,
+    journal: Journal,
+    done: dict[str, set[int]],
+    on_error: str,
+    num_workers: int | None,
+    log: StageLog,
+    bar: dict,
+    shard: Shard = SINGLE,
+) -> int:
+    """`_compute` on one rank: the batches of `shard` not in the journal; rows computed."""
     computed = 0
     with tqdm(unit="sample", file=sys.stderr, dynamic_ncols=True, **bar) as progress:
         start, before = time.perf_counter(), computed
         for b, rows in enumerate(plan.text_batches):
-            if b in done.get("text", ()):
+            if b in done.get("text", ()) or not shard.mine(b):
                 continue
             feats = enc.encode_text([plan.text_ids[r] for r in rows])
             ok_rows, feats, failures = _split_nonfinite(enc, "text", np.asarray(rows), feats)
@@ -556,7 +732,8 @@ def _compute(
             progress.update(len(rows))
         _log_modality(log, "text", plan.text_batches, done, computed - before, start)
         start, before = time.perf_counter(), computed
-        for b, ok_rows, feats, failures in _image_batches(enc, samples, plan, done, num_workers):
+        batches = _image_batches(enc, samples, plan, done, num_workers, shard)
+        for b, ok_rows, feats, failures in batches:
             n = len(ok_rows) + len(failures)
             ok_rows, feats, overflow = _split_nonfinite(enc, "image", np.asarray(ok_rows), feats)
             failures = failures + overflow
@@ -700,10 +877,17 @@ def _image_batches(
     plan: Plan,
     done: dict[str, set[int]],
     num_workers: int | None,
+    shard: Shard = SINGLE,
 ) -> Iterator[tuple[int, list[int], object, list]]:
+    """(batch, ok rows, features, failures) of each image batch of `shard` not journalled,
+    loaded and preprocessed by DataLoader workers while the model runs."""
     if "image" not in enc.modalities:
         return
-    todo = [(b, rows) for b, rows in enumerate(plan.image_batches) if b not in done["image"]]
+    todo = [
+        (b, rows)
+        for b, rows in enumerate(plan.image_batches)
+        if b not in done["image"] and shard.mine(b)
+    ]
     if not todo:
         return
     if num_workers is None:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from fuse._util import StagedRunDir, note, plain, versions
+from fuse._util import note, plain, versions
 from fuse.features import FeatureSet, check_inputs
 from fuse.grid import (
     Cell,
@@ -177,58 +177,106 @@ def evaluate_head(
     progress: FitProgress | None = None,
     label: str | None = None,
     save: Callable[[int, int], Path] | None = None,
+    one_at_a_time: bool = False,
 ) -> list[HeadRun]:
     """Fits head `name` once per (seed, fold): on fold.fit, early-stopped on fold.inner_val,
     then scores fold.scored — rows it has not seen before.
 
+    Torch heads train every (seed, fold) fit together as one stacked model (fuse.batched:
+    each fit keeps its own rows, data order, early stopping and best weights);
+    one_at_a_time=True fits them one after another (the baseline), as do non-torch heads.
     progress: told when each fit starts and ends (its bar or log line, named `label`, default
     the head); it also decides whether the head's own epoch bar shows. save(seed, fold): the
     folder each fitted model is saved to (none: the models are dropped)."""
     runs: list[HeadRun] = []
     if progress is not None:
         quiet = quiet or progress.inner_quiet
-    for seed in seeds:
-        for fold in folds:
-            if progress is not None:
-                progress.start(label or name, seed, fold.index)
-            start = time.perf_counter()
-            head = build_head(
-                name,
-                seed=seed,
-                overrides=overrides,
-                epochs=epochs,
-                device=device,
-                class_weights=class_weights,
-            )
-            # torch heads label their epoch bar with the fit (cell, seed, fold); the registry
-            # contract is fit(train, val, quiet=), so only heads that take `desc` get it
+    pairs = [(seed, fold) for seed in seeds for fold in folds]
+    heads = [
+        build_head(
+            name,
+            seed=seed,
+            overrides=overrides,
+            epochs=epochs,
+            device=device,
+            class_weights=class_weights,
+        )
+        for seed, _ in pairs
+    ]
+    batched = not one_at_a_time and _fit_batched(
+        heads, fs, pairs, quiet=quiet, progress=progress, label=label or name
+    )
+    for (seed, fold), head in zip(pairs, heads):
+        if progress is not None:
+            progress.start(label or name, seed, fold.index)
+        start = time.perf_counter() - (head.train_time_ if batched else 0.0)
+        if not batched:
+            # torch heads label their epoch bar with the fit (cell, seed, fold); the
+            # registry contract is fit(train, val, quiet=): only heads taking `desc` get it
             desc = {"desc": progress.where} if progress is not None and _takes_desc(head) else {}
             head.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet, **desc)
-            scored = fs.take(fold.scored)
-            proba = head.predict_proba(scored)  # (n_scored, C)
-            metrics = score(scored.label, proba, fs.classes)
-            metrics.update(
-                seed=seed,
-                fold=fold.index,
-                train_time_s=float(head.train_time_),
-                n_params=int(head.n_params_),
-                best_iteration=head.best_iteration_,
-            )
-            run = HeadRun(name, seed, fold.index, metrics, fold.scored, proba)
-            run.history = list(getattr(head, "history_", None) or [])
-            run.n_params_meaning = params_meaning(head)
-            if save is not None:
-                folder = save(seed, fold.index)
-                head.save(folder)
-                run.model_dir = str(folder)
-            runs.append(run)
-            if progress is not None:
-                progress.finish(metrics["macro_f1"], time.perf_counter() - start)
+        scored = fs.take(fold.scored)
+        proba = head.predict_proba(scored)  # (n_scored, C)
+        metrics = score(scored.label, proba, fs.classes)
+        metrics.update(
+            seed=seed,
+            fold=fold.index,
+            train_time_s=float(head.train_time_),
+            n_params=int(head.n_params_),
+            best_iteration=head.best_iteration_,
+        )
+        run = HeadRun(name, seed, fold.index, metrics, fold.scored, proba)
+        run.history = list(getattr(head, "history_", None) or [])
+        run.n_params_meaning = params_meaning(head)
+        if save is not None:
+            folder = save(seed, fold.index)
+            head.save(folder)
+            run.model_dir = str(folder)
+        runs.append(run)
+        if progress is not None:
+            progress.finish(metrics["macro_f1"], time.perf_counter() - start)
     return runs
 
 
 def _takes_desc(head: Any) -> bool:
     return "desc" in inspect.signature(head.fit).parameters
+
+
+def _fit_batched(
+    heads: Sequence[Any],
+    fs: FeatureSet,
+    pairs: Sequence[tuple[int, Fold]],
+    *,
+    quiet: bool,
+    progress: FitProgress | None,
+    label: str,
+) -> bool:
+    """Fits `heads` (one per (seed, fold) of `pairs`) together when they are torch heads
+    that vmap can run (fuse.batched); False (nothing fitted) when they are to be fitted one
+    at a time: non-torch heads, a single fit, or a module vmap refuses (with a note)."""
+    from fuse import batched
+
+    if not batched.can_batch(heads):
+        return False
+    if heads[0].needs_tokens and not batched.BATCH_TOKEN_HEADS:
+        note(
+            f"{label}: its {len(heads)} fits are trained one at a time ({batched.TOKEN_HEADS_NOTE})"
+        )
+        return False
+    if progress is not None:
+        progress.start(label, pairs[0][0], pairs[0][1].index)
+    try:
+        batched.fit_together(
+            heads,
+            [fs.take(fold.fit) for _, fold in pairs],
+            [fs.take(fold.inner_val) for _, fold in pairs],
+            quiet=quiet,
+            desc=f"{label}: {len(heads)} fits together",
+        )
+    except batched.NotBatchable as e:
+        note(f"{label}: its {len(heads)} fits are trained one at a time ({e})")
+        return False
+    return True
 
 
 PARAMS_MEANING = {  # what n_params counts, for heads that are not torch modules
@@ -252,27 +300,57 @@ def params_meaning(head: Any) -> str:
 def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -> RunResult:
     """Every cell of `spec` × folds × seeds -> `<out>/<stamp>-<name>/` (see the module
     docstring). Fails before any training on a bad head, hyperparameter, seed, device,
-    cache, split or output folder."""
-    seeds = check_seeds(spec.seeds)
-    cells, params = plan(spec)
-    bank = load_bank(spec.features, cells, allow_stale=spec.allow_stale)
-    cells = runnable(spec, cells, bank)
-    for message in (bank.base.describe_excluded(), describe_common_rows(bank, cells)):
-        if message:
-            note(message)
-    if (msg := describe_unused_labelled(bank.base)) is not None:
+    cache, split or output folder.
+
+    Under torchrun the ranks split the cells (fuse.distributed): every rank checks, loads
+    and splits alike, fits its share into the one staged folder, and rank 0 writes the run
+    from every rank's fits, as one process would; the other ranks get the same folder and
+    results, with a one-line table saying what they fitted."""
+    from fuse import distributed
+
+    def prepare() -> tuple:  # every check before training; no collective inside
+        seeds = check_seeds(spec.seeds)
+        cells, params = plan(spec)
+        bank = load_bank(
+            spec.features,
+            cells,
+            allow_stale=spec.allow_stale,
+            memory_budget=spec.memory_budget,
+        )
+        cells = runnable(spec, cells, bank)
+        for message in (bank.base.describe_excluded(), describe_common_rows(bank, cells)):
+            if message:
+                note(message)
+        if (msg := describe_unused_labelled(bank.base)) is not None:
+            note(msg)
+        return seeds, cells, params, bank, splits_of(bank.base, spec.protocol)
+
+    seeds, cells, params, bank, folds = distributed.agree(prepare)
+    mine, share = distributed.my_cells(cells)  # all cells outside torchrun
+    if (msg := distributed.split_note(share, len(cells))) is not None:
         note(msg)
-    folds = splits_of(bank.base, spec.protocol)
+    fit_spec = distributed.rank_spec(spec)  # cuda:LOCAL_RANK under torchrun on GPUs
     name = cells[0].head if spec.command == "fuse" else "compare"
-    total = len(cells) * len(folds) * len(seeds)
+    total = len(mine) * len(folds) * len(seeds)
+    lead = distributed.is_lead()  # only rank 0 shows a bar (its own fits)
     with (
-        StagedRunDir(out, name) as run,
-        FitProgress(total, len(folds), quiet=quiet, desc=spec.command) as progress,
+        distributed.SharedRunDir(out, name) as run,
+        FitProgress(total, len(folds), quiet=quiet or not lead, desc=spec.command) as progress,
     ):
-        runs = []
-        for cell in cells:
-            runs += fit_cell(spec, cell, bank, folds, seeds, run.path, progress, quiet)
-        results = write_run(run.path, spec, bank, cells, params, folds, seeds, runs)
+
+        def fit_mine() -> list[HeadRun]:
+            runs = []
+            for cell in mine:
+                runs += fit_cell(fit_spec, cell, bank, folds, seeds, run.path, progress, quiet)
+            return runs
+
+        runs = distributed.collect(fit_mine, cells)  # None on ranks other than 0
+        if runs is not None:
+            results = write_run(run.path, spec, bank, cells, params, folds, seeds, runs)
+    if runs is None:
+        results = json.loads((run.final / "results.json").read_text())
+        table = distributed.follower_line(len(mine))
+        return RunResult(run_dir=run.final, results=results, table=table)
     from fuse.report import cells_table
 
     return RunResult(run_dir=run.final, results=results, runs=runs, table=cells_table(results))
@@ -400,6 +478,7 @@ def fit_cell(
         progress=progress,
         label=cell.id,
         save=save,
+        one_at_a_time=spec.one_at_a_time,
     )
     for r in runs:
         r.cell = cell.id

@@ -1,7 +1,9 @@
 """Stage two's view of the cache: a text group and an image group joined by guid.
 
 `load_feature_set` opens each cache file once; a `FeatureSet` then hands out row subsets
-(folds, batches) as index arrays into those in-memory arrays, so no fold copies the tokens.
+(folds, batches) as index arrays into those arrays, so no fold copies the tokens. Token arrays
+that do not fit the memory budget stay in the file and are read in row blocks on demand
+(fuse/streaming.py, cache/lazy.py); everything else is in RAM.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache import OK, FeatureStore, TokenFeatures
+from cache.lazy import BlockCache, LazyRows
 from cache.naming import cache_file
 from fuse._util import few, note
 
@@ -29,8 +32,10 @@ class FeatureMismatchError(ValueError):
 class Modality:
     """One modality's features for the rows of a FeatureSet.
 
-    feats holds every row of the cache file (as read); index maps this set's rows onto it,
-    so taking a subset copies nothing until a batch is gathered.
+    feats holds every row of the cache file (as read; tokens may be a LazyRows streaming from
+    the file); index maps this set's rows onto it, so taking a subset copies nothing until a
+    batch is gathered. held: device copies of feats (fuse/streaming.py `resident`), shared by
+    every subset taken of this Modality, so they are made once.
     """
 
     name: str  # "text" | "image"
@@ -41,6 +46,25 @@ class Modality:
     tokens_requested: bool = (
         True  # False: tokens were not loaded (whether or not the file has them)
     )
+    held: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the tokens are read from the file on demand (over the memory budget)."""
+        return isinstance(self.feats.tokens, LazyRows)
+
+    def blocks(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """(b,) the file block each row's tokens lie in; None when they are in RAM."""
+        if not self.streamed:
+            return None
+        return self.feats.tokens.block_of(self._rows(rows))
+
+    def batch_length(self, idx: np.ndarray) -> int | None:
+        """Tokens a batch of cache rows `idx` keeps: up to its longest row (None: no mask)."""
+        if self.feats.mask is None:
+            return None
+        used = np.flatnonzero(self.feats.mask[idx].any(axis=0))
+        return int(used[-1]) + 1 if used.size else 1
 
     @property
     def has_tokens(self) -> bool:
@@ -72,12 +96,10 @@ class Modality:
                 "pick a pooled head or extract again with tokens"
             )
         idx = self._rows(rows)
-        if self.feats.mask is None:
+        length = self.batch_length(idx)
+        if length is None:
             return self.feats.tokens[idx], None
-        mask = self.feats.mask[idx]  # (b, Lmax)
-        used = np.flatnonzero(mask.any(axis=0))
-        length = int(used[-1]) + 1 if used.size else 1
-        return self.feats.tokens[idx, :length], mask[:, :length]
+        return self.feats.tokens[idx, :length], self.feats.mask[idx, :length]  # (b, l, D), (b, l)
 
     def lengths(self, rows: np.ndarray | None = None) -> np.ndarray | None:
         """(b,) real tokens per row; None when every row has all L tokens (no mask)."""
@@ -213,11 +235,18 @@ def load_feature_set(
     image: str | None = "vit",
     tokens: bool | Iterable[str] = False,
     allow_stale: bool = False,
+    memory_budget: str | int | None = None,
+    stream: Iterable[str] | None = None,
+    block_cache: BlockCache | None = None,
 ) -> FeatureSet:
     """Joins the text group of `<dir>/<text>.h5` and the image group of `<dir>/<image>.h5`.
 
     One file is opened once when text == image. tokens: load token arrays (True = for every
     modality, or an iterable of modality names); pooled vectors are always loaded.
+    memory_budget (bytes or "1GB"; None: half the available RAM): token arrays that do not fit
+    it are streamed from the file (fuse/streaming.py); stream: the modalities to stream,
+    decided by the caller (fuse.grid.load_bank decides once for all its caches), sharing
+    `block_cache`.
 
     Only usable rows join: status ok, a non-empty guid that no other usable row of the file
     shares, and finite features (no inf/NaN) in what is loaded. Every other row is left out
@@ -243,8 +272,24 @@ def load_feature_set(
                 f"no cache {path}; caches in {features_dir}: {', '.join(have) or 'none'} "
                 f"(extract it with `fusebench extract --encoder {encoder}`)"
             )
+    if stream is None:
+        from fuse.streaming import plan_for
+
+        pairs = [(enc, m) for m, enc in wanted.items()]
+        plan, block_cache = plan_for(features_dir, pairs, want_tokens, memory_budget)
+        stream = {m for (_, m) in plan}
+    stream = set(stream)
+    for encoder in dict.fromkeys(wanted.values()):
+        path = cache_path(features_dir, encoder)
         mods = [m for m, enc in wanted.items() if enc == encoder]
-        store = FeatureStore.open(path, modalities=mods, tokens=bool(want_tokens & set(mods)))
+        store = FeatureStore.open(
+            path,
+            modalities=mods,
+            tokens=bool(want_tokens & set(mods)),
+            # a shared file's tokens of the other modality are dropped below: never read them
+            stream=(stream & want_tokens & set(mods)) | (set(mods) - want_tokens),
+            block_cache=block_cache,
+        )
         if lines := _freshness(store, allow_stale):
             stale[path.name] = lines
         stores[encoder] = store
@@ -399,11 +444,16 @@ def _usable(store: FeatureStore, modalities: list[str]) -> tuple[np.ndarray, dic
     return ok, reasons
 
 
-def _finite_rows(feats: TokenFeatures, n: int, block: int = 1024) -> np.ndarray:
+def _finite_rows(feats: TokenFeatures, n: int, block_bytes: int = 32 << 20) -> np.ndarray:
     """(n,) bool: rows whose loaded features (main pooled vector, tokens) are all finite.
-    Tokens are checked in row blocks, so the check never holds a bool copy of them all."""
+    Tokens are checked in row blocks of about block_bytes (streamed ones: in their own file
+    blocks), so the check never holds a copy of them all."""
     finite = np.isfinite(feats.pooled["pooled"]).all(axis=1)
     if feats.tokens is not None:
+        row = max(1, int(np.prod(feats.tokens.shape[1:])) * feats.tokens.dtype.itemsize)
+        block = max(1, block_bytes // row)
+        if isinstance(feats.tokens, LazyRows):
+            block = max(1, block // feats.tokens.block_rows) * feats.tokens.block_rows
         for start in range(0, n, block):
             chunk = feats.tokens[start : start + block]
             finite[start : start + block] &= np.isfinite(chunk).reshape(len(chunk), -1).all(1)

@@ -257,6 +257,8 @@ class GridSpec:
     class_weights: bool = False
     allow_stale: bool = False
     heads_all: bool = False  # --heads all: heads that cannot run anywhere are skipped
+    one_at_a_time: bool = False  # torch fits one after another, not stacked (fuse.batched)
+    memory_budget: str | None = None  # RAM for features, e.g. "1GB" (None: half the available)
 
     @property
     def strict(self) -> bool:
@@ -279,6 +281,8 @@ class GridSpec:
             "device": self.device,
             "class_weights": self.class_weights,
             "allow_stale": self.allow_stale,
+            "one_at_a_time": self.one_at_a_time,
+            "memory_budget": self.memory_budget,
         }
 
     def cells(self) -> tuple[list[Cell], list[tuple[Cell, str]], list[str]]:
@@ -385,7 +389,8 @@ def resolve_settings(
     config's sweep of that key.
 
     given keys: features, text, image, heads, set, sweep, val_ratio, folds, split_seed,
-    seeds, epochs, device, class_weights, allow_stale (strings as typed on the command line)."""
+    seeds, epochs, device, class_weights, allow_stale, one_at_a_time (strings as typed on the
+    command line)."""
     explicit = set(explicit)
     old = read_config(config) if config is not None else {}
 
@@ -427,6 +432,8 @@ def resolve_settings(
         device=str(pick("device")),
         class_weights=bool(pick("class_weights")),
         allow_stale=bool(pick("allow_stale")),
+        one_at_a_time=bool(pick("one_at_a_time")),
+        memory_budget=_budget(pick("memory_budget")),
     )
 
 
@@ -439,6 +446,16 @@ def _one_cell(text: list, image: list, heads: list, config) -> None:
                 f"fuse runs one cell, but {where} {what} {shown}; pass one {what}, or run "
                 "`fusebench compare` for a grid"
             )
+
+
+def _budget(budget: Any) -> str | None:
+    """--memory-budget as typed (checked now, so a bad size fails before any cache is read)."""
+    if budget is None:
+        return None
+    from fuse.streaming import parse_size
+
+    parse_size(budget)
+    return str(budget)
 
 
 def _epochs(epochs: Any) -> int | None:
@@ -522,6 +539,8 @@ CONFIG_TYPES = {  # key -> (check, what it must be)
     "device": (lambda v: isinstance(v, str), "auto, cpu or cuda"),
     "class_weights": (lambda v: isinstance(v, bool), "true or false"),
     "allow_stale": (lambda v: isinstance(v, bool), "true or false"),
+    "one_at_a_time": (lambda v: isinstance(v, bool), "true or false"),
+    "memory_budget": (lambda v: v is None or isinstance(v, (str, int)), "a size like 1GB, or null"),
 }
 
 
@@ -574,9 +593,17 @@ class FeatureBank:
         )
 
 
-def load_bank(features: str | Path, cells: Sequence[Cell], *, allow_stale: bool) -> FeatureBank:
+def load_bank(
+    features: str | Path,
+    cells: Sequence[Cell],
+    *,
+    allow_stale: bool,
+    memory_budget: str | int | None = None,
+) -> FeatureBank:
     """Opens each cache the cells read once (tokens only for modalities some cell's head
-    reads as tokens) and keeps the rows usable in every one of them."""
+    reads as tokens) and keeps the rows usable in every one of them. Token arrays that do
+    not fit memory_budget (None: half the available RAM) stream from their files through one
+    block cache (fuse/streaming.py), decided once for all the caches."""
     wanted: dict[str, set[str]] = {}  # encoder -> modalities read from it
     tokens: dict[str, set[str]] = {}
     for cell in cells:
@@ -586,6 +613,7 @@ def load_bank(features: str | Path, cells: Sequence[Cell], *, allow_stale: bool)
             if needs:
                 tokens.setdefault(cell.encoder(m), set()).add(m)
     order = sorted(wanted, key=lambda e: ("text" not in wanted[e], list(wanted).index(e)))
+    streamed, block_cache = _stream_plan(features, wanted, tokens, memory_budget)
     sets = {
         enc: load_feature_set(
             features,
@@ -593,6 +621,8 @@ def load_bank(features: str | Path, cells: Sequence[Cell], *, allow_stale: bool)
             image=enc if "image" in wanted[enc] else None,
             tokens=tokens.get(enc, set()),
             allow_stale=allow_stale,
+            stream={m for e, m in streamed if e == enc},
+            block_cache=block_cache,
         )
         for enc in order
     }
@@ -611,6 +641,25 @@ def load_bank(features: str | Path, cells: Sequence[Cell], *, allow_stale: bool)
         for enc, fs in sets.items()
     }
     return FeatureBank(base, mods, sources, caches)
+
+
+def _stream_plan(
+    features: str | Path,
+    wanted: dict[str, set[str]],
+    tokens: dict[str, set[str]],
+    memory_budget: str | int | None,
+):
+    """plan_for over every (encoder, modality) of the bank; nothing to plan without caches
+    (load_feature_set then names what is missing)."""
+    from fuse.features import cache_path
+    from fuse.streaming import plan_for
+
+    pairs = [(enc, m) for enc, mods in wanted.items() for m in sorted(mods)]
+    if not Path(features).is_dir() or not all(
+        cache_path(Path(features), e).is_file() for e, _ in pairs
+    ):
+        return set(), None
+    return plan_for(Path(features), pairs, tokens, memory_budget)
 
 
 def join_sets(sets: dict[str, FeatureSet]) -> tuple[FeatureSet, dict[str, np.ndarray]]:

@@ -22,9 +22,11 @@ from sklearn.metrics import f1_score
 from torch import nn
 from tqdm.auto import tqdm
 
+from cache import TokenFeatures
 from fuse._util import DamagedModelError
-from fuse.features import FeatureSet, check_inputs
+from fuse.features import FeatureSet, Modality, check_inputs
 from fuse.registry import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_value
+from fuse.streaming import BUFFER_BLOCKS, block_order, resident
 
 FORWARD_ARGS = (
     "text_tokens",
@@ -165,10 +167,18 @@ def gather(
     tokens: bool,
     device: torch.device,
 ) -> dict[str, torch.Tensor | None]:
-    """The forward() inputs for `rows` of fs; inputs of other modalities stay None."""
+    """The forward() inputs for `rows` of fs; inputs of other modalities stay None.
+
+    On a GPU the arrays are indexed where they are when they were moved there (they are, on
+    first use, if they fit: fuse/streaming.py `resident`); else the batch is cut on the host
+    (from RAM, or read from the file for streamed tokens) and copied over."""
     batch: dict[str, torch.Tensor | None] = dict.fromkeys(FORWARD_ARGS)
     for m in modalities:
         mod = fs.modality(m)
+        held = resident(mod.held, mod.feats, device, tokens)
+        if held is not None and (held.tokens is not None or not tokens):
+            batch.update(_gather_resident(mod, held, rows, m, tokens, device))
+            continue
         batch[f"{m}_pooled"] = _tensor(mod.pooled(rows), device)  # (b, D')
         if tokens:
             tok, mask = mod.tokens(rows)
@@ -179,8 +189,31 @@ def gather(
     return batch
 
 
-def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def _gather_resident(
+    mod: Modality,
+    held: TokenFeatures,
+    rows: np.ndarray,
+    m: str,
+    tokens: bool,
+    device: torch.device,
+) -> dict[str, torch.Tensor | None]:
+    """gather's inputs of one modality from its device copy: the same values the host path
+    gives (the same rows, cut to the same batch length)."""
+    idx = mod.index[rows]  # (b,) cache rows, on the host
+    at = torch.from_numpy(idx).to(device, non_blocking=True)
+    out = {f"{m}_pooled": held.pooled["pooled"].index_select(0, at).float()}  # (b, D')
+    if tokens:
+        length = mod.batch_length(idx)  # from the host mask: no device sync
+        cut = slice(None) if length is None else slice(0, length)
+        out[f"{m}_tokens"] = held.tokens[:, cut].index_select(0, at).float()  # (b, l, D)
+        out[f"{m}_mask"] = None if held.mask is None else held.mask[:, cut].index_select(0, at)
+    return out
+
+
+def _tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     # float16 crosses to the device at half the bytes, then becomes float32 there
+    if isinstance(a, torch.Tensor):
+        return a.to(device, non_blocking=True).float()
     return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True).float()
 
 
@@ -200,14 +233,39 @@ def token_lengths(fs: FeatureSet, modalities: tuple[str, ...], tokens: bool) -> 
     return np.sum(per, axis=0) if per else None
 
 
+def row_blocks(fs: FeatureSet, modalities: tuple[str, ...], tokens: bool) -> np.ndarray | None:
+    """(n,) the file block each row of fs is read from, for a set whose tokens stream from the
+    cache (the modality with the widest rows decides); None when every array is in RAM."""
+    if not tokens:
+        return None
+    streamed = [fs.modality(m) for m in modalities if fs.modality(m).streamed]
+    if not streamed:
+        return None
+    widest = max(streamed, key=lambda mod: mod.feats.tokens.row_bytes)
+    return widest.blocks()
+
+
 def batches(
-    n: int, batch_size: int, rng: np.random.Generator | None, lengths: np.ndarray | None
+    n: int,
+    batch_size: int,
+    rng: np.random.Generator | None,
+    lengths: np.ndarray | None,
+    blocks: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Row batches for one pass. rng=None keeps row order (evaluation).
 
     With lengths, rows are sorted by length inside windows of 16 batches before batching, so
     a batch pads to similar lengths (tweets: median 30 tokens, a cache Lmax of 128); the batch
-    order is then shuffled. Without, a plain shuffled (or ordered) split."""
+    order is then shuffled. Without, a plain shuffled (or ordered) split.
+
+    With blocks ((n,) the file block of each row: `row_blocks`, for a streamed set), the order
+    is block-aware, so a pass reads each block about once: the blocks are shuffled and taken
+    BUFFER_BLOCKS at a time, and the rows of those blocks are shuffled among themselves (not
+    across the whole set) and cut into batches (a buffer's last batch may be short); with
+    lengths, sorted by length within them and their batches shuffled among themselves. Evaluation keeps row order, sorting by length within the same
+    buffers. An in-RAM set given blocks draws the same order (the streamed = in-RAM tests)."""
+    if blocks is not None:
+        return _block_batches(batch_size, rng, lengths, np.asarray(blocks, dtype=np.int64))
     order = np.arange(n) if rng is None else rng.permutation(n)
     if lengths is None:
         return [order[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -218,6 +276,28 @@ def batches(
         w = w[np.argsort(lengths[w], kind="stable")]
         out += [w[i : i + batch_size] for i in range(0, len(w), batch_size)]
     return out if rng is None else [out[k] for k in rng.permutation(len(out))]
+
+
+def _block_batches(
+    batch_size: int,
+    rng: np.random.Generator | None,
+    lengths: np.ndarray | None,
+    blocks: np.ndarray,
+) -> list[np.ndarray]:
+    if rng is None:
+        buffer = blocks // BUFFER_BLOCKS
+        cuts = np.flatnonzero(np.diff(buffer)) + 1
+        groups = np.split(np.arange(len(blocks)), cuts)
+    else:
+        groups = block_order(blocks, rng, BUFFER_BLOCKS)
+    out = []
+    for g in groups:  # batches never straddle buffers: a buffer's blocks are read once
+        if lengths is not None:
+            g = g[np.argsort(lengths[g], kind="stable")]
+        cut = [g[i : i + batch_size] for i in range(0, len(g), batch_size)]
+        shuffle = rng is not None and lengths is not None  # else already in random order
+        out += [cut[k] for k in rng.permutation(len(cut))] if shuffle else cut
+    return out
 
 
 SCALED_INPUTS = ("text_pooled", "image_pooled", "text_tokens", "image_tokens")
@@ -352,17 +432,18 @@ def train_module(
     )
     y = torch.as_tensor(train.label, dtype=torch.long)
     y_val = None if val is None else torch.as_tensor(val.label, dtype=torch.long)
-    best_score, best_epoch, best_state, since = -np.inf, 0, None, 0
+    stopper, best_state = EarlyStopping(cfg.patience), None
     history: list[dict[str, float]] = []
     n = len(train)
     bar = tqdm(
         total=cfg.epochs * n, unit="sample", unit_scale=True, desc=desc, leave=False, disable=quiet
     )
     lengths = token_lengths(train, modalities, tokens)
+    blocks = row_blocks(train, modalities, tokens)  # streamed tokens: block-aware order
     for epoch in range(1, cfg.epochs + 1):
         module.train()
         total = 0.0
-        for rows in batches(n, cfg.batch_size, rng, lengths):
+        for rows in batches(n, cfg.batch_size, rng, lengths, blocks):
             logits = module(
                 **gather(train, rows, modalities=modalities, tokens=tokens, device=device)
             )  # (b, C)
@@ -375,6 +456,7 @@ def train_module(
             total += loss.item() * len(rows)
             bar.update(len(rows))
         record = {"epoch": epoch, "train_loss": total / max(n, 1)}
+        logits = None
         if val is not None and len(val):
             logits = predict_logits(
                 module,
@@ -384,38 +466,65 @@ def train_module(
                 device=device,
                 batch_size=cfg.eval_batch_size,
             )
-            record["val_loss"] = float(
-                nn.functional.cross_entropy(
-                    logits, y_val, weight=None if weight is None else weight.cpu()
-                )
-            )
-            record["val_macro_f1"] = float(
-                f1_score(
-                    y_val.numpy(),
-                    logits.argmax(1).numpy(),
-                    labels=range(n_classes),
-                    average="macro",
-                    zero_division=0,
-                )
-            )
-            score = record["val_macro_f1"] if cfg.monitor == "macro_f1" else -record["val_loss"]
-        else:
-            score = float(epoch)  # no validation rows: the last epoch is the best
+        record.update(val_scores(logits, y_val, weight, n_classes))
         history.append(record)
         bar.set_postfix(
             epoch=epoch, **{k: round(v, 3) for k, v in record.items() if k.startswith("val")}
         )
-        if score > best_score:
-            best_score, best_epoch, since = score, epoch, 0
+        improved, stop = stopper.update(record, cfg.monitor)
+        if improved:
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        else:
-            since += 1
-            if cfg.patience and since >= cfg.patience:
-                break
+        if stop:
+            break
     bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)
-    return TrainResult(best_epoch=best_epoch, history=history)
+    return TrainResult(best_epoch=stopper.best_epoch, history=history)
+
+
+def val_scores(
+    logits: torch.Tensor | None,
+    y_val: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    n_classes: int,
+) -> dict[str, float]:
+    """val_loss and val_macro_f1 of (n_val, C) inner-validation logits ({} without rows);
+    the loss weighted by the training loss's class weights, as early stopping sees it."""
+    if logits is None:
+        return {}
+    loss = nn.functional.cross_entropy(
+        logits, y_val, weight=None if weight is None else weight.cpu()
+    )
+    f1 = f1_score(
+        y_val.numpy(),
+        logits.argmax(1).numpy(),
+        labels=range(n_classes),
+        average="macro",
+        zero_division=0,
+    )
+    return {"val_loss": float(loss), "val_macro_f1": float(f1)}
+
+
+class EarlyStopping:
+    """The epoch choice of one fit: the best monitored inner-val score so far, and stop after
+    `patience` epochs without a better one (0 = never). One object per fit, so fits trained
+    together (fuse.batched) stop exactly where each would alone."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_score, self.best_epoch, self.since = -np.inf, 0, 0
+
+    def update(self, record: dict[str, float], monitor: str) -> tuple[bool, bool]:
+        """(improved, stop) after the epoch of `record` (train_module's history entry)."""
+        if "val_macro_f1" not in record:
+            score = float(record["epoch"])  # no validation rows: the last epoch is the best
+        else:
+            score = record["val_macro_f1"] if monitor == "macro_f1" else -record["val_loss"]
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.since = score, record["epoch"], 0
+            return True, False
+        self.since += 1
+        return False, bool(self.patience and self.since >= self.patience)
 
 
 class TorchClassifier:
@@ -464,22 +573,11 @@ class TorchClassifier:
     ) -> TorchClassifier:
         """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch.
         desc: the label of its epoch bar (default "<head> seed <seed>")."""
-        modalities = check_inputs(
-            train,
-            head=self.name,
-            modalities=self.module.modalities,
-            require=self.module.require,
-            tokens=self.needs_tokens,
-        )
+        modalities, dims, module = self.initial_module(train)
         device = resolve_device(self.train.device)
-        torch.manual_seed(self.seed)  # the initial weights depend on the seed only
-        dims = InputDims.of(train)
-        module = self.module(dims, train.n_classes, **self.params)
         warm_up(device)
         start = time.perf_counter()
-        if self.train.standardize:  # statistics of the fit rows only, timed with the fit
-            names = scaled_dims(dims, modalities, self.needs_tokens)
-            module = Standardized(module, names).set_stats(input_stats(train, tuple(names)))
+        module = self.standardized(module, train, modalities, dims)
         result = train_module(
             module,
             train,
@@ -492,12 +590,58 @@ class TorchClassifier:
             quiet=quiet,
             desc=desc or f"{self.name} seed {self.seed}",
         )
-        self.train_time_ = time.perf_counter() - start
+        return self.fitted(
+            module,
+            result,
+            train_time=time.perf_counter() - start,
+            device=device,
+            modalities=modalities,
+            dims=dims,
+            classes=train.classes,
+        )
+
+    def initial_module(self, train: FeatureSet) -> tuple[tuple[str, ...], InputDims, nn.Module]:
+        """(modalities, dims, the untrained head) for `train`; its initial weights depend on
+        the seed only (torch.manual_seed right before building), whoever trains it."""
+        modalities = check_inputs(
+            train,
+            head=self.name,
+            modalities=self.module.modalities,
+            require=self.module.require,
+            tokens=self.needs_tokens,
+        )
+        torch.manual_seed(self.seed)
+        dims = InputDims.of(train)
+        return modalities, dims, self.module(dims, train.n_classes, **self.params)
+
+    def standardized(
+        self, module: nn.Module, train: FeatureSet, modalities: tuple[str, ...], dims: InputDims
+    ) -> nn.Module:
+        """module behind Standardized with the statistics of `train` (the fit rows only), or
+        module itself when train.standardize is off."""
+        if not self.train.standardize:
+            return module
+        names = scaled_dims(dims, modalities, self.needs_tokens)
+        return Standardized(module, names).set_stats(input_stats(train, tuple(names)))
+
+    def fitted(
+        self,
+        module: nn.Module,
+        result: TrainResult,
+        *,
+        train_time: float,
+        device: torch.device,
+        modalities: tuple[str, ...],
+        dims: InputDims,
+        classes: tuple[str, ...],
+    ) -> TorchClassifier:
+        """Sets the fitted state (`module` holds the best epoch's weights); returns self."""
+        self.train_time_ = train_time
         self.module_ = module.eval()
         self.device_ = device
         self.modalities_ = modalities
         self.dims_ = dims
-        self.classes_ = tuple(train.classes)
+        self.classes_ = tuple(classes)
         self.best_iteration_ = result.best_epoch
         self.history_ = result.history
         self.n_params_ = sum(p.numel() for p in module.parameters() if p.requires_grad)
