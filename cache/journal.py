@@ -18,7 +18,9 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -99,6 +101,33 @@ class Journal:
                 arrays[f"pooled:{k}"] = v
             arrays["pooling"] = np.asarray(json.dumps(feats.pooling))
         self._atomic_write(f"{modality}-{batch:06d}.npz", lambda fh: np.savez(fh, **arrays))
+
+    @contextlib.contextmanager
+    def background(self, depth: int = 2) -> Iterator[Callable[..., None]]:
+        """`save` on one writer thread, so the next batch's forward runs while this one is
+        written (the GPU is not left idle for the disk). At most `depth` batches wait, their
+        features held in memory. A failed save is raised by a later call or at the end, as
+        `save` would have raised it; it left no part, so a rerun computes that batch again.
+        Leaving on an exception (Ctrl-C, a bad sample with --on-error fail) first finishes the
+        saves under way, so every batch computed so far is kept."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="journal")
+        pending: deque[Future] = deque()
+
+        def save(*args: object) -> None:
+            while pending and (len(pending) >= depth or pending[0].done()):
+                pending.popleft().result()  # raises that save's error here
+            pending.append(pool.submit(self.save, *args))
+
+        try:
+            yield save
+        except BaseException:
+            for f in pending:
+                f.exception()  # wait; the exception already under way is the one to report
+            raise
+        finally:
+            pool.shutdown(wait=True)
+        while pending:
+            pending.popleft().result()
 
     def load(self, modality: str, batch: int) -> tuple[np.ndarray, TokenFeatures | None, list]:
         """A part `done` accepted. Should it fail now (damaged since), it is removed and one

@@ -487,10 +487,11 @@ def _pool(tokens: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def _f16(x: torch.Tensor) -> np.ndarray:
-    """float16 for storage; values beyond ±65504 become inf, which the extraction loop
-    reports as a failed sample (so numpy's overflow warning is noise here)."""
-    with np.errstate(over="ignore"):
-        return x.float().cpu().numpy().astype(np.float16)
+    """float16 for storage, converted where x is: from a GPU half the bytes cross to the host
+    and the host converts nothing (the loop's main process keeps the GPU fed). torch rounds as
+    numpy's astype does (IEEE round to nearest even: the same bits, tests/test_extract.py);
+    values beyond ±65504 become inf, which the extraction loop reports as a failed sample."""
+    return x.float().to(torch.float16).cpu().numpy()
 
 
 def _text_features(

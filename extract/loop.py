@@ -719,7 +719,10 @@ def _compute_share(
 ) -> int:
     """`_compute` on one rank: the batches of `shard` not in the journal; rows computed."""
     computed = 0
-    with tqdm(unit="sample", file=sys.stderr, dynamic_ncols=True, **bar) as progress:
+    with (
+        tqdm(unit="sample", file=sys.stderr, dynamic_ncols=True, **bar) as progress,
+        journal.background() as save,  # parts are written while the next batch runs
+    ):
         start, before = time.perf_counter(), computed
         for b, rows in enumerate(plan.text_batches):
             if b in done.get("text", ()) or not shard.mine(b):
@@ -727,7 +730,7 @@ def _compute_share(
             feats = enc.encode_text([plan.text_ids[r] for r in rows])
             ok_rows, feats, failures = _split_nonfinite(enc, "text", np.asarray(rows), feats)
             _stop_if_failed(on_error, samples, failures)
-            journal.save("text", b, ok_rows, feats, failures)
+            save("text", b, ok_rows, feats, failures)
             computed += len(rows)
             progress.update(len(rows))
         _log_modality(log, "text", plan.text_batches, done, computed - before, start)
@@ -738,7 +741,7 @@ def _compute_share(
             ok_rows, feats, overflow = _split_nonfinite(enc, "image", np.asarray(ok_rows), feats)
             failures = failures + overflow
             _stop_if_failed(on_error, samples, failures)
-            journal.save("image", b, ok_rows, feats, failures)
+            save("image", b, ok_rows, feats, failures)
             computed += n
             progress.update(n)
         _log_modality(log, "image", plan.image_batches, done, computed - before, start)

@@ -592,3 +592,24 @@ def test_precision_bf16_autocast_is_recorded_and_changes_only_the_low_bits(
     assert not np.array_equal(a, b)  # the autocast really ran
     np.testing.assert_allclose(a, b, atol=0.15)  # bf16 keeps ~3 significant digits
     assert cli("cache", "verify", stores["bf16"].path).exit_code == 0
+
+
+def test_float16_for_storage_has_numpy_astype_bits_overflow_included():
+    """Features become float16 where they were computed (the GPU, in a real run): the bits
+    must be numpy's astype's, so caches, journals and resumed runs agree whatever converts."""
+    from extract.encoders import _f16
+
+    rng = np.random.default_rng(0)
+    scales = (1e-8, 1e-5, 1e-3, 1.0, 100.0, 3e4, 7e4)  # subnormals .. beyond float16's range
+    x = np.concatenate([rng.standard_normal(20_000).astype(np.float32) * s for s in scales])
+    edges = [65504, 65519, 65520, -65520, 6e-8, 3e-8, 2.98e-8, 0.0, -0.0]
+    x = np.concatenate([x, np.array(edges, dtype=np.float32)])
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    got = _f16(torch.from_numpy(x))
+    assert got.dtype == np.float16 and np.isinf(got).any()
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    bf16 = torch.from_numpy(x).to(torch.bfloat16)  # autocast outputs: exact in float32 first
+    with np.errstate(over="ignore"):
+        want = bf16.float().numpy().astype(np.float16)
+    assert np.array_equal(_f16(bf16).view(np.uint16), want.view(np.uint16))

@@ -174,3 +174,38 @@ cli.main()
     assert "computed 0 rows, reused 12" in stdout
     with h5py.File(final, "r") as f:
         assert bool(f.attrs["complete"]) and (f["status"][:] == 1).all()
+
+
+def test_background_journal_saves_keep_finished_parts_and_raise_a_failed_save(
+    tmp_path, monkeypatch
+):
+    """Parts are written on a thread while the next batch runs: leaving on Ctrl-C still
+    keeps every batch handed over, and a save that fails (disk full) is raised in the loop."""
+    from cache import TokenFeatures
+    from cache.journal import Journal
+
+    journal = Journal(tmp_path / "c.h5.parts", "fp")
+    feats = TokenFeatures(
+        np.ones((1, 3, 4), np.float16), None, {"pooled": np.ones((1, 4), np.float16)}, {}
+    )
+    with pytest.raises(KeyboardInterrupt), journal.background() as save:
+        for b in range(3):
+            save("image", b, np.array([b]), feats, [])
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in journal.folder.glob("*.npz")) == [
+        f"image-{b:06d}.npz" for b in range(3)
+    ]
+
+    real = Journal.save
+
+    def disk_full(self, modality, batch, *rest):
+        if batch == 4:
+            raise OSError(28, "No space left on device")
+        return real(self, modality, batch, *rest)
+
+    monkeypatch.setattr(Journal, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"), journal.background() as save:
+        for b in range(3, 6):
+            save("image", b, np.array([b]), feats, [])
+    assert not (journal.folder / "image-000004.npz").exists()
+    assert (journal.folder / "image-000003.npz").exists()
