@@ -105,19 +105,7 @@ class FastImagePath:
     def open(self, sample: Sample) -> Image.Image:
         """A sample's image as `datasets.open_sample_image` returns it, decoded at reduced
         size when that is safe; ValueError (one-line reason) if it cannot be read."""
-        ref = sample.image_ref
-        if ref is not None:
-            data, shown = read_image_bytes(ref), str(ref)
-        elif sample.image_path is None:
-            raise ValueError(f"sample {sample.guid} has no image; add one or remove the sample")
-        else:
-            path = Path(sample.image_path)
-            data, shown = _read_bytes(path), _shown(path)
-            if not isinstance(data, bytes):
-                raise ValueError(_unreadable("image", path, data))
-        reason = _check_image_bytes(shown, data, decode=False)
-        if reason is not None:
-            raise ValueError(reason)
+        data, shown = sample_bytes(sample)
         try:
             # no `with`: closing an image drops its pixels, so to_rgb would have to copy them
             # (the bytes are in memory, there is no file to close)
@@ -198,6 +186,24 @@ class FastImagePath:
         lut = torch.from_numpy(self.lut).to(pixels.device).flatten()  # (3 * 256,)
         offset = torch.arange(3, device=pixels.device).view(1, 3, 1, 1) * 256
         return lut[pixels.long() + offset]  # (B, 3, H, W) float32
+
+
+def sample_bytes(sample: Sample) -> tuple[bytes, str]:
+    """A sample's image bytes, not decoded, and how messages show their source; ValueError
+    (the reference loader's one-line reasons) for a missing, unreadable or non-image file."""
+    ref = sample.image_ref
+    if ref is not None:
+        data, shown = read_image_bytes(ref), str(ref)
+    elif sample.image_path is None:
+        raise ValueError(f"sample {sample.guid} has no image; add one or remove the sample")
+    else:
+        path = Path(sample.image_path)
+        data, shown = _read_bytes(path), _shown(path)
+        if not isinstance(data, bytes):
+            raise ValueError(_unreadable("image", path, data))
+    if (reason := _check_image_bytes(shown, data, decode=False)) is not None:
+        raise ValueError(reason)
+    return data, shown
 
 
 def _size(size: Any) -> dict:

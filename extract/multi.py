@@ -43,17 +43,13 @@ from tqdm import tqdm
 from cache import exclusive_lock, parts_dir, ranks
 from extract.datasets import (
     Sample,
-    _check_image_bytes,
     _decode_failure,
-    _read_bytes,
-    _shown,
-    _unreadable,
     load_dataset,
     modality_problem,
-    read_image_bytes,
     to_rgb,
 )
 from extract.encoders import Encoder, load_spec, modalities_of, resolve_device
+from extract.fastimage import sample_bytes
 from extract.loop import (
     KEPT,
     ExtractError,
@@ -412,7 +408,7 @@ def load_once(sample: Sample, encoders: Sequence[Encoder]) -> list[Image.Image |
     open of the bytes (cheap: no pixels), and loaders whose opens agree on size, mode and
     decoder scale share one decode."""
     try:
-        data, shown = _sample_bytes(sample)
+        data, shown = sample_bytes(sample)
     except ValueError as e:
         return [e] * len(encoders)
     decoded: dict[tuple, Image.Image | ValueError] = {}
@@ -431,23 +427,6 @@ def load_once(sample: Sample, encoders: Sequence[Encoder]) -> list[Image.Image |
         img.close()
         out.append(decoded[key])
     return out
-
-
-def _sample_bytes(sample: Sample) -> tuple[bytes, str]:
-    """The image bytes and how messages show their source, with the loaders' own errors."""
-    ref = sample.image_ref
-    if ref is not None:
-        data, shown = read_image_bytes(ref), str(ref)
-    elif sample.image_path is None:
-        raise ValueError(f"sample {sample.guid} has no image; add one or remove the sample")
-    else:
-        path = Path(sample.image_path)
-        data, shown = _read_bytes(path), _shown(path)
-        if not isinstance(data, bytes):
-            raise ValueError(_unreadable("image", path, data))
-    if (reason := _check_image_bytes(shown, data, decode=False)) is not None:
-        raise ValueError(reason)
-    return data, shown
 
 
 def _decode(img: Image.Image, shown: str) -> Image.Image | ValueError:
