@@ -8,6 +8,7 @@ the journal or the run folder on the shared file system.
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -35,6 +36,9 @@ def init() -> bool:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
+        # left alive at exit, gloo's threads can abort the process ("terminate called
+        # without an active exception") after the command's one line
+        atexit.register(shutdown)
     return True
 
 
