@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache import OK, FeatureStore, TokenFeatures
-from cache.lazy import BlockCache, LazyRows
+from cache.lazy import BlockCache, LazyRows, rows_per_block
 from cache.naming import cache_file
 from fuse._util import few, note
 
@@ -53,11 +53,26 @@ class Modality:
         """Whether the tokens are read from the file on demand (over the memory budget)."""
         return isinstance(self.feats.tokens, LazyRows)
 
+    @property
+    def token_row_bytes(self) -> int:
+        """Bytes of one row of the token array (0 without tokens)."""
+        tokens = self.feats.tokens
+        if tokens is None:
+            return 0
+        return int(np.prod(tokens.shape[1:], dtype=np.int64)) * np.dtype(tokens.dtype).itemsize
+
     def blocks(self, rows: np.ndarray | None = None) -> np.ndarray | None:
-        """(b,) the file block each row's tokens lie in; None when they are in RAM."""
-        if not self.streamed:
+        """(b,) the block of cache rows each row's tokens lie in: the file blocks a streamed
+        array is read by (cache/lazy.py), and the same grouping when the tokens are in RAM,
+        so training draws one order whatever the memory budget (and gives the same numbers).
+        None without tokens."""
+        tokens = self.feats.tokens
+        if tokens is None:
             return None
-        return self.feats.tokens.block_of(self._rows(rows))
+        if self.streamed:
+            return tokens.block_of(self._rows(rows))
+        per = min(rows_per_block(self.token_row_bytes), max(1, len(tokens)))  # token chunk: 1 row
+        return self._rows(rows) // per
 
     def batch_length(self, idx: np.ndarray) -> int | None:
         """Tokens a batch of cache rows `idx` keeps: up to its longest row (None: no mask)."""

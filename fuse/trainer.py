@@ -234,15 +234,17 @@ def token_lengths(fs: FeatureSet, modalities: tuple[str, ...], tokens: bool) -> 
 
 
 def row_blocks(fs: FeatureSet, modalities: tuple[str, ...], tokens: bool) -> np.ndarray | None:
-    """(n,) the file block each row of fs is read from, for a set whose tokens stream from the
-    cache (the modality with the widest rows decides); None when every array is in RAM."""
+    """(n,) the block of cache rows each row of fs lies in, for heads that read tokens (the
+    modality with the widest token rows decides): training draws a block-aware order, which
+    lets streamed tokens be read a block at a time and is the same order in RAM, so the
+    memory budget never changes the numbers. None for pooled heads."""
     if not tokens:
         return None
-    streamed = [fs.modality(m) for m in modalities if fs.modality(m).streamed]
-    if not streamed:
+    mods = [fs.modality(m) for m in modalities]
+    mods = [mod for mod in mods if mod is not None and mod.feats.tokens is not None]
+    if not mods:
         return None
-    widest = max(streamed, key=lambda mod: mod.feats.tokens.row_bytes)
-    return widest.blocks()
+    return max(mods, key=lambda mod: mod.token_row_bytes).blocks()
 
 
 def batches(
@@ -258,7 +260,7 @@ def batches(
     a batch pads to similar lengths (tweets: median 30 tokens, a cache Lmax of 128); the batch
     order is then shuffled. Without, a plain shuffled (or ordered) split.
 
-    With blocks ((n,) the file block of each row: `row_blocks`, for a streamed set), the order
+    With blocks ((n,) the block of cache rows of each row: `row_blocks`, for token heads), the order
     is block-aware, so a pass reads each block about once: the blocks are shuffled and taken
     BUFFER_BLOCKS at a time, and the rows of those blocks are shuffled among themselves (not
     across the whole set) and cut into batches (a buffer's last batch may be short); with
