@@ -96,10 +96,9 @@ def build_cache(folder: Path, n: int, block: int = 500) -> Path:
     return path
 
 
-def child(features: Path, budget: str, epochs: int, block_order: bool) -> None:
-    """One run, as `compare` loads and fits; prints one JSON line. block_order: training
-    draws the block-aware order of fuse.trainer.batches (blocks shuffled, rows shuffled within
-    a buffer of BUFFER_BLOCKS blocks) whether or not the trainer asks for it yet."""
+def child(features: Path, budget: str, epochs: int) -> None:
+    """One run, as `compare` loads and fits; prints one JSON line. Training draws the
+    block-aware order (fuse.trainer.row_blocks) in RAM and streamed alike."""
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -117,16 +116,6 @@ def child(features: Path, budget: str, epochs: int, block_order: bool) -> None:
     head = build_head(
         "image_only", seed=0, overrides={"use_tokens": True}, epochs=epochs, device="cpu"
     )
-    if block_order:
-        from fuse import trainer
-
-        blocks, plain = trainer.row_blocks(fs.take(fold.fit), ("image",), True), trainer.batches
-
-        def block_aware(n, size, rng, lengths, *rest):
-            mine = blocks if rng is not None and blocks is not None and n == len(blocks) else None
-            return plain(n, size, rng, lengths, mine if mine is not None else (rest or [None])[0])
-
-        trainer.batches = block_aware
     head.fit(fs.take(fold.fit), fs.take(fold.inner_val))
     proba = head.predict_proba(fs.take(fold.scored))
     y = fs.label[fold.scored]
@@ -147,11 +136,10 @@ def child(features: Path, budget: str, epochs: int, block_order: bool) -> None:
     )
 
 
-def peak_rss(features: Path, budget: str, epochs: int, block_order: bool = False) -> dict:
+def peak_rss(features: Path, budget: str, epochs: int) -> dict:
     """One run in a fresh interpreter, under os.wait4, so ru_maxrss is this child's own peak
     (RUSAGE_CHILDREN would give the max over every child): its JSON line + wall_s, peak_rss_gb."""
     cmd = [sys.executable, __file__, "--child", str(features), "--budget", budget]
-    cmd += ["--block-order"] if block_order else []
     out_path = features / f".child-{os.getpid()}.out"
     err_path = features / f".child-{os.getpid()}.err"
     start = time.perf_counter()
@@ -179,10 +167,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--block-order", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        return child(args.child, args.budget, args.epochs, args.block_order)
+        return child(args.child, args.budget, args.epochs)
     rows = args.rows or (2_000 if args.quick else 14_000)
     budget = args.budget or ("256MB" if args.quick else "1GB")
     features = args.dir / f"rows{rows}"
@@ -195,12 +182,7 @@ def main() -> None:
     )
     streamed = peak_rss(features, budget, args.epochs)
     in_ram = peak_rss(features, "1TB", args.epochs)
-    blocky = peak_rss(features, budget, args.epochs, block_order=True)
-    runs = (
-        (f"streamed, --memory-budget {budget}", streamed),
-        ("in RAM", in_ram),
-        ("streamed, block-aware training order", blocky),
-    )
+    runs = ((f"streamed, --memory-budget {budget}", streamed), ("in RAM", in_ram))
     for name, r in runs:
         print(
             f"{name:38s} peak RSS {r['peak_rss_gb']:5.2f} GiB   wall {r['wall_s']:6.1f} s   "
@@ -213,13 +195,7 @@ def main() -> None:
     print(
         f"peak RSS streamed / in RAM: {streamed['peak_rss_gb'] / in_ram['peak_rss_gb']:.2f}x; "
         f"wall streamed / in RAM: {streamed['wall_s'] / in_ram['wall_s']:.2f}x; "
-        f"max |proba diff| on 50 scored rows: {same:.2g}"
-        + (" (nonzero when the streamed fit drew the block-aware batch order)" if same else "")
-    )
-    print(
-        f"block-aware order: wall {blocky['wall_s'] / streamed['wall_s']:.2f}x the trainer's "
-        f"order, peak RSS {blocky['peak_rss_gb']:.2f} GiB (another batch order: macro-F1 "
-        f"{blocky['macro_f1']:.3f} vs {streamed['macro_f1']:.3f})"
+        f"max |proba diff| on 50 scored rows: {same:.2g} (the same block-aware order: 0 expected)"
     )
     target = 2.0
     print(
