@@ -454,8 +454,10 @@ class Encoder:
         return open_sample_image(sample)
 
     def _pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float32 on the device; uint8 from the fast path is normalised there."""
-        pixels = pixels.to(self.device)
+        """(B, 3, H, W) float32 on the device; uint8 from the fast path is normalised there.
+        Pinned pixels (the loader pins them for a GPU) are copied without blocking: the copy
+        overlaps the host's work until the forward needs them, on the same stream."""
+        pixels = pixels.to(self.device, non_blocking=pixels.is_pinned())
         if pixels.dtype == torch.uint8 and self.fast_image is not None:
             pixels = self.fast_image.normalize(pixels)
         return pixels
