@@ -445,6 +445,15 @@ MemoryBudget = Annotated[
         "Token arrays over it are read from the cache file in row blocks, not loaded.",
     ),
 ]
+OneAtATime = Annotated[
+    bool,
+    typer.Option(
+        "--one-at-a-time",
+        help="Train a torch head's folds x seeds one fit after another (the baseline) "
+        "instead of together as one stacked model (same rows, order and early stopping; "
+        "only dropout masks are drawn differently).",
+    ),
+]
 
 
 def _run_stage_two(call):
@@ -517,15 +526,7 @@ def fuse_cmd(
     set_: SetOpt = None,
     allow_stale: AllowStale = False,
     memory_budget: MemoryBudget = None,
-    one_at_a_time: Annotated[
-        bool,
-        typer.Option(
-            "--one-at-a-time",
-            help="Train a torch head's folds x seeds one fit after another (the baseline) "
-            "instead of together as one stacked model (same rows, order and early stopping; "
-            "only dropout masks are drawn differently).",
-        ),
-    ] = False,
+    one_at_a_time: OneAtATime = False,
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,
@@ -598,15 +599,7 @@ def compare(
     ] = None,
     allow_stale: AllowStale = False,
     memory_budget: MemoryBudget = None,
-    one_at_a_time: Annotated[
-        bool,
-        typer.Option(
-            "--one-at-a-time",
-            help="Train a torch head's folds x seeds one fit after another (the baseline) "
-            "instead of together as one stacked model (same rows, order and early stopping; "
-            "only dropout masks are drawn differently).",
-        ),
-    ] = False,
+    one_at_a_time: OneAtATime = False,
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,

@@ -350,15 +350,25 @@ def scaled_dims(dims: InputDims, modalities: tuple[str, ...], tokens: bool) -> d
     return {k: getattr(dims, k) for k in SCALED_INPUTS if k in wanted and getattr(dims, k)}
 
 
+STATS_BLOCK_BYTES = 32 << 20  # float64 values input_stats holds at once (and as much again for x*x)
+
+
 def input_stats(
-    fs: FeatureSet, names: tuple[str, ...], block: int = 256
+    fs: FeatureSet, names: tuple[str, ...], block_bytes: int = STATS_BLOCK_BYTES
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """name -> (mean, std) per feature over the rows of fs (tokens: real tokens only), streamed
-    in blocks of rows with float64 sums. A (near-)constant feature gets std 1 (left as it is)."""
+    in blocks of rows of about block_bytes as float64 (so a streamed set stays within its
+    memory budget: 256 ViT token rows were 0.6 GB), with float64 sums. A (near-)constant
+    feature gets std 1 (left as it is)."""
     stats = {}
     for name in names:
         modality, kind = name.split("_")
         mod = fs.modality(modality)
+        if kind == "pooled":
+            width = mod.pooled_dim
+        else:  # values in one row of tokens
+            width = mod.token_row_bytes // np.dtype(mod.feats.tokens.dtype).itemsize
+        block = max(1, block_bytes // (8 * max(1, width)))
         total, total_sq, count = 0.0, 0.0, 0
         for start in range(0, len(fs), block):
             rows = np.arange(start, min(start + block, len(fs)))
