@@ -21,7 +21,7 @@ WORK=${WORK:-/tmp/fusebench-gpu-check}
 
 if [ "${1:-}" = "--prepare" ]; then
     mkdir -p .gpu/wheels
-    grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.gpu/ >> .git/info/exclude; }
+    # .gpu/ is git-ignored (.gitignore): wheels and model folders never land in a commit
     version=$("$PY" -c "import lightgbm; print(lightgbm.__version__)")
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
         --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
