@@ -281,6 +281,46 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def check_options(on_error: str, batch_size: int, limit: int | None) -> None:
+    """The numeric and choice options of `extract`, before anything is read."""
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if limit is not None and limit < 1:
+        raise ValueError("--limit must be at least 1")
+
+
+def read_dataset(
+    data: str | Path,
+    data_format: str | None,
+    specs: Sequence[EncoderSpec],
+    log: StageLog,
+    *,
+    on_error: str,
+    text_encoding: str | None,
+    labels: Sequence[str] | None,
+    columns: dict[str, str] | None,
+) -> Dataset:
+    """The dataset, refused (ValueError) when it lacks a modality one of `specs` reads.
+    --on-error fail decodes every image first, so the run stops at the FIRST bad sample
+    before any work."""
+    t_read = time.perf_counter()
+    ds = load_dataset(
+        data,
+        data_format,
+        check_images=on_error == "fail",
+        text_encoding=text_encoding,
+        labels=labels,
+        columns=columns,
+    )
+    for spec in specs:  # text-only or image-only data
+        if missing := modality_problem(ds, modalities_of(spec), spec.name):
+            raise ValueError(missing)
+    log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
+    return ds
+
+
 def extract(
     data: str | Path,
     encoder: str = "minilm",
@@ -310,30 +350,22 @@ def extract(
     shard = distributed.Shard.current()  # rank 0 of 1 outside torchrun
     t0 = time.perf_counter()
     with distributed.checked(shard):  # under torchrun: one rank failing these fails them all
-        if on_error not in ("skip", "fail"):
-            raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
-        if batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
-        if limit is not None and limit < 1:
-            raise ValueError("--limit must be at least 1")
+        check_options(on_error, batch_size, limit)
         spec = load_spec(
             encoder, model=model, layer=layer, random_init=random_init, precision=precision
         )
         dev = resolve_device(distributed.rank_device(device, shard))
         log = StageLog(f"extract {spec.name}{shard.tag}", quiet)
-        t_read = time.perf_counter()
-        # fail mode decodes every image first, so it stops at the FIRST bad sample before any work
-        ds = load_dataset(
+        ds = read_dataset(
             data,
             data_format,
-            check_images=on_error == "fail",
+            [spec],
+            log,
+            on_error=on_error,
             text_encoding=text_encoding,
             labels=labels,
             columns=columns,
         )
-        if missing := modality_problem(ds, modalities_of(spec), spec.name):  # text-/image-only
-            raise ValueError(missing)
-        log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
         final = cache_path(out, ds.name, encoder)
         check_output(final)
     try:

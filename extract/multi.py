@@ -44,11 +44,9 @@ from cache import exclusive_lock, parts_dir, ranks
 from extract.datasets import (
     Sample,
     _decode_failure,
-    load_dataset,
-    modality_problem,
     to_rgb,
 )
-from extract.encoders import Encoder, load_spec, modalities_of, resolve_device
+from extract.encoders import Encoder, load_spec, resolve_device
 from extract.fastimage import sample_bytes
 from extract.loop import (
     KEPT,
@@ -67,8 +65,10 @@ from extract.loop import (
     _usable_rows,
     _worker_init,
     cache_path,
+    check_options,
     check_output,
     os_error_line,
+    read_dataset,
 )
 
 
@@ -146,12 +146,7 @@ def extract_many(
             f"--encoder {','.join(names)} under torchrun: the one-pass extraction of several "
             "encoders is not sharded across ranks; run one torchrun per encoder"
         )
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"--on-error must be skip or fail, not '{on_error}'")
-    if batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
-    if limit is not None and limit < 1:
-        raise ValueError("--limit must be at least 1")
+    check_options(on_error, batch_size, limit)
     t0 = time.perf_counter()
     specs = [
         load_spec(n, model=m, layer=layer, random_init=random_init, precision=precision)
@@ -162,19 +157,16 @@ def extract_many(
     logs = {n: StageLog(f"extract {n}", quiet) for n in names}
     for note in dupes:
         log.note(note)
-    t_read = time.perf_counter()
-    ds = load_dataset(
+    ds = read_dataset(
         data,
         data_format,
-        check_images=on_error == "fail",
+        specs,
+        log,
+        on_error=on_error,
         text_encoding=text_encoding,
         labels=labels,
         columns=columns,
     )
-    for spec in specs:
-        if missing := modality_problem(ds, modalities_of(spec), spec.name):
-            raise ValueError(missing)
-    log.stage(f"read dataset {ds.name}", len(ds.samples), time.perf_counter() - t_read)
     finals = {n: cache_path(out, ds.name, n) for n in names}
     for final in finals.values():
         check_output(final)

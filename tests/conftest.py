@@ -152,3 +152,20 @@ def make_lab5(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 0) -> 
 @pytest.fixture
 def lab5(tmp_path) -> Path:
     return make_lab5(tmp_path / "lab5-mini")
+
+
+def write_noise_cache(path: Path, n: int, dim: int, seed: int = 3) -> None:
+    """The leak canaries' cache: random labels on random pooled text and image vectors (no
+    tokens), so nothing is learnable and a scored row that leaked into fitting shows."""
+    from cache import TokenFeatures, write_features
+
+    rng = np.random.default_rng(seed)
+    write_features(
+        path,
+        guid=[f"r{i}" for i in range(n)],
+        split=["train"] * n,
+        label=rng.integers(0, 3, n),
+        classes=("negative", "neutral", "positive"),
+        text=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, dim)).astype(np.float16)}),
+        image=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, dim)).astype(np.float16)}),
+    )

@@ -21,6 +21,7 @@ from fuse.grid import resolve_settings
 from fuse.nets import ConcatMLP
 from fuse.protocol import Fold
 from fuse.registry import HEADS
+from tests.conftest import write_noise_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,17 +164,7 @@ def test_gradient_clipping_is_per_member():
 def test_batched_leak_canary(tmp_path):
     """Random labels on random features: a batched MLP that memorizes its fit rows scores
     chance on its scored rows; the same fits with the scored rows leaked in score near 1."""
-    rng = np.random.default_rng(3)
-    n = 240
-    write_features(
-        tmp_path / "noise.h5",
-        guid=[f"r{i}" for i in range(n)],
-        split=["train"] * n,
-        label=rng.integers(0, 3, n),
-        classes=CLASSES,
-        text=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, 64)).astype(np.float16)}),
-        image=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, 64)).astype(np.float16)}),
-    )
+    write_noise_cache(tmp_path / "noise.h5", n=240, dim=64)
     fs = load_feature_set(tmp_path, text="noise", image="noise")
     none = np.array([], dtype=np.int64)  # no inner split: the last epoch is kept
     folds = [Fold(f.index, f.fit, none, f.scored) for f in StratifiedProtocol(folds=4).splits(fs)]

@@ -25,6 +25,7 @@ from fuse.metrics import aggregate
 from fuse.protocol import Fold, scorable_rows
 from fuse.registry import CONFIG_DIR, HEADS, Registry, UnknownHeadError, get_head
 from fuse.trainer import TorchClassifier, batches, class_weight_vector
+from tests.conftest import write_noise_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("negative", "neutral", "positive")
@@ -259,17 +260,7 @@ def test_scored_rows_never_reach_fit_or_early_stopping(protocol, easy, monkeypat
 def test_leak_canary_scores_chance_on_unlearnable_labels(tmp_path):
     """Random labels on random 400-dim features: logreg memorizes whatever it fits on, so
     honest scoring is near chance while any scored row that leaked into fitting is right."""
-    rng = np.random.default_rng(3)
-    n = 300
-    write_features(
-        tmp_path / "noise.h5",
-        guid=[f"r{i}" for i in range(n)],
-        split=["train"] * n,
-        label=rng.integers(0, 3, n),
-        classes=CLASSES,
-        text=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, 200)).astype(np.float16)}),
-        image=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, 200)).astype(np.float16)}),
-    )
+    write_noise_cache(tmp_path / "noise.h5", n=300, dim=200)
     fs = load_feature_set(tmp_path, text="noise", image="noise")
     folds = StratifiedProtocol(folds=5).splits(fs)
     honest = evaluate_head("logreg", fs, folds, seeds=[0], overrides={"C": 100.0})
