@@ -160,10 +160,10 @@ def extract(
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
-    from cache import CacheError
-    from extract.datasets import parse_columns, split_labels
-    from extract.loop import ExtractError
-    from extract.loop import extract as run_extract
+    from fusebench.cache import CacheError
+    from fusebench.extract.datasets import parse_columns, split_labels
+    from fusebench.extract.loop import ExtractError
+    from fusebench.extract.loop import extract as run_extract
 
     if on_error not in ("skip", "fail"):
         fail("--on-error must be skip or fail", code=2)
@@ -188,7 +188,7 @@ def extract(
             columns=parse_columns(column),
         )
         if "," in encoder:  # several encoders, one pass over the data
-            from extract.multi import extract_many
+            from fusebench.extract.multi import extract_many
 
             reps = extract_many(data, encoder, **kw)
         else:
@@ -236,7 +236,7 @@ def _echo_extract_report(rep) -> None:
 @cache_app.command("info")
 def cache_info(file: Path) -> None:
     """Encoder, model, rows, shapes, size, status counts and the error log of a cache."""
-    from cache.inspect import describe
+    from fusebench.cache.inspect import describe
 
     try:
         typer.echo(describe(file))
@@ -258,8 +258,8 @@ def cache_verify(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Re-check completeness and fingerprint against the data and model; recompute some rows."""
-    from cache import CacheError
-    from extract.verify import verify
+    from fusebench.cache import CacheError
+    from fusebench.extract.verify import verify
 
     try:
         lines = verify(file, data=data, rows=rows, device=device)
@@ -284,8 +284,8 @@ def cache_merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Join caches of one encoder and settings over parts (shards) of one dataset."""
-    from cache import CacheError
-    from cache.merge import merge_caches
+    from fusebench.cache import CacheError
+    from fusebench.cache.merge import merge_caches
 
     try:
         rep = merge_caches(files, out, overwrite=overwrite)
@@ -311,7 +311,7 @@ def data_synth(
     seed: int = 0,
 ) -> None:
     """Write a SYNTHETIC lab5-layout dataset (planted text+image signal) for the offline demo."""
-    from extract.synthetic import make_synthetic_lab5
+    from fusebench.extract.synthetic import make_synthetic_lab5
 
     try:
         root = make_synthetic_lab5(out, n_train=n_train, n_test=n_test, seed=seed)
@@ -339,7 +339,7 @@ def data_check(
 ) -> None:
     """Report every problem in a dataset, sample by sample (decodes every image): its
     classes, text encodings, and each bad sample by guid."""
-    from extract.datasets import check_report, load_dataset, parse_columns, split_labels
+    from fusebench.extract.datasets import check_report, load_dataset, parse_columns, split_labels
 
     try:
         ds = load_dataset(
@@ -360,7 +360,7 @@ def data_check(
 
 def _head_names() -> str:
     """The bundled heads' names for --help, from their YAML files (no torch import)."""
-    from configs import bundled_path, config_names
+    from fusebench.configs import bundled_path, config_names
 
     return ", ".join(config_names(bundled_path("heads"))) or "none found: reinstall fusebench"
 
@@ -460,8 +460,8 @@ def _run_stage_two(call):
     """Calls into fuse/; an error the user can fix becomes one line on stderr: exit code 2
     for bad input (ValueError, FileNotFoundError), 1 for an unusable cache (CacheError) or a
     file-system fault (OSError: permissions, full disk, ...)."""
-    from cache import CacheError
-    from fuse._util import os_error_line
+    from fusebench.cache import CacheError
+    from fusebench.fuse._util import os_error_line
 
     try:
         return call()
@@ -484,8 +484,8 @@ def _stage_two(
 ) -> None:
     """fuse and compare: settings from the flags typed, else --config, else the defaults; then
     one grid run (or, with --print-config, the resolved settings and no training)."""
-    from fuse.experiment import run_grid, settings_yaml
-    from fuse.grid import resolve_settings
+    from fusebench.fuse.experiment import run_grid, settings_yaml
+    from fusebench.fuse.grid import resolve_settings
 
     names = {"head": "heads", "set_": "set"}  # parameter -> setting
     explicit = [
@@ -697,7 +697,7 @@ def predict(
 
     A cell labels every row that has the features it reads (a text_only head labels rows
     whose image failed); the others get an empty tag and are counted on stderr."""
-    from fuse.predict import predict_run
+    from fusebench.fuse.predict import predict_run
 
     if refit and model not in ("ensemble", "refit"):
         fail(f"--refit and --model {model} disagree; give one of them", code=2)
@@ -746,7 +746,7 @@ def report(
     """One self-contained HTML page of one or more runs (styles and plots inline, nothing
     fetched): ranked table, heat map, plots and provenance per run; a combined ranking when
     the runs share protocol, classes and rows."""
-    from fuse.report_html import write_report
+    from fusebench.fuse.report_html import write_report
 
     path = _run_stage_two(lambda: write_report(runs, out))
     typer.echo(f"report: {path}")
@@ -784,7 +784,7 @@ def main() -> None:
     except typer.Abort:
         one_line("aborted", 1)
     except OSError as e:
-        from fuse._util import os_error_line
+        from fusebench.fuse._util import os_error_line
 
         one_line(os_error_line(e), 1)
     if code == INTERRUPTED and not _failed:  # Ctrl-C outside extract (which says it itself)

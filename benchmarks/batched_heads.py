@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache import TokenFeatures, write_features  # noqa: E402
-from fuse import StratifiedProtocol, batched, build_head, list_heads, load_feature_set  # noqa: E402
-from fuse.experiment import evaluate_head  # noqa: E402
-from fuse.registry import head_needs_tokens  # noqa: E402
+from fusebench.cache import TokenFeatures, write_features  # noqa: E402
+from fusebench.fuse import StratifiedProtocol, batched, build_head, list_heads, load_feature_set  # noqa: E402
+from fusebench.fuse.experiment import evaluate_head  # noqa: E402
+from fusebench.fuse.registry import head_needs_tokens  # noqa: E402
 
 CLASSES = ("negative", "neutral", "positive")
 

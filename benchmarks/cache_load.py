@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache import FeatureStore, TokenFeatures, integrity, write_features  # noqa: E402
+from fusebench.cache import FeatureStore, TokenFeatures, integrity, write_features  # noqa: E402
 
 # name -> (compressor, tokens per chunk) of the text token array; "none" is the layout before
 # issue 10 (whole-row chunks, no compressor), "slabs" the one writers use now.

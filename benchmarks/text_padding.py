@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from extract.datasets import load_dataset  # noqa: E402
-from extract.encoders import create_encoder  # noqa: E402
-from extract.loop import plan_batches  # noqa: E402
+from fusebench.extract.datasets import load_dataset  # noqa: E402
+from fusebench.extract.encoders import create_encoder  # noqa: E402
+from fusebench.extract.loop import plan_batches  # noqa: E402
 
 
 def main() -> None:

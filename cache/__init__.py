@@ -1,6 +1,6 @@
 """The HDF5 feature store shared by both stages: write (atomic, resumable), read, verify."""
 
-from cache.format import (
+from fusebench.cache.format import (
     FAILED,
     FORMAT_VERSION,
     OK,
@@ -14,17 +14,17 @@ from cache.format import (
     TokenFeatures,
     fingerprint,
 )
-from cache.integrity import read_rows
-from cache.merge import MergeError, merge_caches
-from cache.reader import FeatureStore, parts_dir
-from cache.sources import (
+from fusebench.cache.integrity import read_rows
+from fusebench.cache.merge import MergeError, merge_caches
+from fusebench.cache.reader import FeatureStore, parts_dir
+from fusebench.cache.sources import (
     StaleCacheError,
     check_fresh,
     ensure_fresh,
     record_sources,
     rewrite_sources,
 )
-from cache.writer import CacheWriter, exclusive_lock, temp_path, write_features
+from fusebench.cache.writer import CacheWriter, exclusive_lock, temp_path, write_features
 
 __all__ = [
     "FAILED",

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.format import FAILED, OK, TODO, CacheError
-from cache.reader import decode_attr, is_true, missing_parts, read_header, reading
-from cache.writer import temp_path
+from fusebench.cache.format import FAILED, OK, TODO, CacheError
+from fusebench.cache.reader import decode_attr, is_true, missing_parts, read_header, reading
+from fusebench.cache.writer import temp_path
 
 
 def describe(path: str | Path, *, max_errors: int = 20) -> str:

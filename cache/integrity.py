@@ -46,8 +46,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.format import DamagedCacheError
+from fusebench.cache.format import DamagedCacheError
 
 CHUNK_BYTES = 1 << 20  # target bytes per chunk (whole rows)
 DIGEST_BLOCK_BYTES = 64 << 20  # rows hashed per read when streaming a digest

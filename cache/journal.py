@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-
-from cache.format import CacheError, TokenFeatures, write_error
+from fusebench.cache.format import CacheError, TokenFeatures, write_error
 
 KEPT = " (finished batches are kept)"
 

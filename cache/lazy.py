@@ -27,8 +27,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.integrity import damaged, read_rows
+from fusebench.cache.integrity import damaged, read_rows
 
 BLOCK_BYTES = 8 << 20  # target bytes of one block
 MAX_BLOCK_ROWS = 128  # a batch of 64 drawn from a buffer of 4 blocks touches >= 1/8 of each
@@ -184,7 +183,7 @@ class LazyRows:
 
     def _dataset(self) -> h5py.Dataset:
         if self._file is None:
-            from cache.reader import open_h5
+            from fusebench.cache.reader import open_h5
 
             self._file = open_h5(self.path)
         return self._file[self.name]

@@ -34,8 +34,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.format import (
+from fusebench.cache.format import (
     DATA_KEYS,
     MODALITIES,
     OK,
@@ -43,9 +42,9 @@ from cache.format import (
     TokenFeatures,
     canonical_json,
 )
-from cache.integrity import read_rows
-from cache.reader import FeatureStore, decode_attr, reading
-from cache.writer import CacheWriter, exclusive_lock
+from fusebench.cache.integrity import read_rows
+from fusebench.cache.reader import FeatureStore, decode_attr, reading
+from fusebench.cache.writer import CacheWriter, exclusive_lock
 
 # Root attributes the writer sets itself; every other one is carried over from the first input.
 OWN_ATTRS = ("fusebench_format", "complete", "created", "config", "fingerprint", "digests")

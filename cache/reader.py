@@ -15,8 +15,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.format import (
+from fusebench.cache.format import (
     FAILED,
     FORMAT_VERSION,
     MODALITIES,
@@ -29,7 +28,7 @@ from cache.format import (
     describe_differences,
     fingerprint,
 )
-from cache.integrity import (
+from fusebench.cache.integrity import (
     ATTRS,
     attrs_digest,
     check_digest,
@@ -38,8 +37,8 @@ from cache.integrity import (
     read_dataset,
     stored_digests,
 )
-from cache.lazy import BlockCache, LazyRows
-from cache.writer import temp_path
+from fusebench.cache.lazy import BlockCache, LazyRows
+from fusebench.cache.writer import temp_path
 
 LAZY_DEFAULT_BYTES = 256 << 20  # block cache of a store opened with `stream` but no cache
 REQUIRED = ("guid", "split", "label", "status", "manifest")  # datasets every cache has

@@ -28,12 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
-
-from cache.format import CacheError, canonical_json, write_error
-from cache.integrity import dataset_digest, stored_digests
+from fusebench.cache.format import CacheError, canonical_json, write_error
+from fusebench.cache.integrity import dataset_digest, stored_digests
 
 if TYPE_CHECKING:
-    from cache.reader import FeatureStore
+    from fusebench.cache.reader import FeatureStore
 
 SOURCES_VERSION = 1
 SHOWN = 4  # changed samples named in a StaleCacheError line before "+N more"
@@ -154,7 +153,7 @@ def rewrite_sources(path: Path, sources: dict) -> None:
     when check_fresh reports changes but the fingerprint still matches (an edited header, a
     reformatted index line): the features are up to date, the record of the files is not.
     Call it holding `exclusive_lock(path)`."""
-    from cache.writer import STR, _fsync_dir, temp_path
+    from fusebench.cache.writer import STR, _fsync_dir, temp_path
 
     path = Path(path)
     tmp = temp_path(path)

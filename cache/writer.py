@@ -19,8 +19,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-
-from cache.format import (
+from fusebench.cache.format import (
     FAILED,
     FORMAT_VERSION,
     CacheLockedError,
@@ -30,7 +29,7 @@ from cache.format import (
     fingerprint,
     write_error,
 )
-from cache.integrity import (
+from fusebench.cache.integrity import (
     ATTRS,
     TOKEN_CHUNK,
     TOKEN_COMPRESSION,

@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
-from cache import CacheError, fingerprint, parts_dir, ranks
-from cache.journal import Journal
+from fusebench.cache import CacheError, fingerprint, parts_dir, ranks
+from fusebench.cache.journal import Journal
 
 if TYPE_CHECKING:  # extract.loop imports this module
-    from extract.datasets import Dataset
-    from extract.encoders import EncoderSpec
-    from extract.loop import ExtractReport, Plan, StageLog
+    from fusebench.extract.datasets import Dataset
+    from fusebench.extract.encoders import EncoderSpec
+    from fusebench.extract.loop import ExtractReport, Plan, StageLog
 
 
 @dataclass
@@ -106,7 +105,7 @@ class Failure:
     def error(self, here: int) -> Exception:
         """The exception to raise on rank `here`: rank 0's line as it is (it is the run's
         error), another rank's prefixed with its rank."""
-        from extract.loop import ExtractError
+        from fusebench.extract.loop import ExtractError
 
         line = self.line if self.rank == 0 else f"rank {self.rank}: {self.line}"
         kinds = {"usage": ValueError, "missing": FileNotFoundError, "cache": CacheError}
@@ -213,8 +212,8 @@ def follow(
 ) -> ExtractReport:
     """A rank > 0: loads the model while rank 0 plans, computes its share of rank 0's plan
     into the shared journal, prints one line and returns; rank 0 assembles the cache."""
-    from extract.encoders import build_encoder
-    from extract.loop import ExtractReport, _compute, cache_config
+    from fusebench.extract.encoders import build_encoder
+    from fusebench.extract.loop import ExtractReport, _compute, cache_config
 
     samples = ds.samples[:limit] if limit else ds.samples
     report = ExtractReport(final, len(samples), 0, 0, 0, 0, 0.0, rank=shard.rank)
@@ -269,7 +268,7 @@ def _disagreement(shard: Shard, work: Work, fp: str, config: dict, journal: Jour
 
 
 def _extract_error(line: str) -> Exception:
-    from extract.loop import ExtractError
+    from fusebench.extract.loop import ExtractError
 
     return ExtractError(line)
 

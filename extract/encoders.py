@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-
-from cache import TokenFeatures
-from configs import bundled_path, config_names
+from fusebench.cache import TokenFeatures
+from fusebench.configs import bundled_path, config_names
 
 CONFIG_DIR = bundled_path("encoders")  # configs/encoders/, package data of the install
 
@@ -429,7 +428,7 @@ class Encoder:
         self.fast_image = None
         if exact or "image" not in self.modalities:
             return None
-        from extract.fastimage import FastImagePath
+        from fusebench.extract.fastimage import FastImagePath
 
         fast = FastImagePath.from_processor(self.image_processor)
         if isinstance(fast, str):
@@ -449,7 +448,7 @@ class Encoder:
         ValueError (one line) when it cannot be read."""
         if self.fast_image is not None:
             return self.fast_image.open(sample)
-        from extract.datasets import open_sample_image
+        from fusebench.extract.datasets import open_sample_image
 
         return open_sample_image(sample)
 

@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import ExifTags, Image
-
-from extract.datasets import (
+from fusebench.extract.datasets import (
     Sample,
     _check_image_bytes,
     _decode_failure,
@@ -44,6 +42,7 @@ from extract.datasets import (
     read_image_bytes,
     to_rgb,
 )
+from PIL import ExifTags, Image
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 DRAFT_MIN_FACTOR = 2  # draft only when the image is at least this many times the target

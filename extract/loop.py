@@ -32,11 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-from tqdm import tqdm
-
-from cache import (
+from fusebench.cache import (
     FAILED,
     OK,
     CacheError,
@@ -53,19 +49,19 @@ from cache import (
     rewrite_sources,
     temp_path,
 )
-from cache.format import DATA_KEYS, canonical_json, describe_differences, write_error
-from cache.journal import Journal
-from cache.naming import cache_file
-from cache.reader import decode_attr, read_header
-from extract import distributed
-from extract.datasets import (
+from fusebench.cache.format import DATA_KEYS, canonical_json, describe_differences, write_error
+from fusebench.cache.journal import Journal
+from fusebench.cache.naming import cache_file
+from fusebench.cache.reader import decode_attr, read_header
+from fusebench.extract import distributed
+from fusebench.extract.datasets import (
     Dataset,
     Sample,
     load_dataset,
     modality_problem,
 )
-from extract.distributed import SINGLE, Shard
-from extract.encoders import (
+from fusebench.extract.distributed import SINGLE, Shard
+from fusebench.extract.encoders import (
     Encoder,
     EncoderSpec,
     build_encoder,
@@ -73,6 +69,9 @@ from extract.encoders import (
     modalities_of,
     resolve_device,
 )
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
 
 
 class ExtractError(RuntimeError):
@@ -955,9 +954,8 @@ def _assemble(
 ) -> tuple[np.ndarray, list[tuple[str, str, str]]]:
     """Journal (+ rows copied from the existing cache on a refresh) -> <final>.tmp -> <final>.
     Returns status and the error log. ExtractError when no row came out usable."""
+    import fusebench.cache as cache
     import transformers
-
-    import cache
 
     n = len(samples)
     writer = CacheWriter(

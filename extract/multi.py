@@ -35,20 +35,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
-from tqdm import tqdm
-
-from cache import exclusive_lock, parts_dir, ranks
-from extract.datasets import (
+from fusebench.cache import exclusive_lock, parts_dir, ranks
+from fusebench.extract.datasets import (
     Sample,
     _decode_failure,
     to_rgb,
 )
-from extract.encoders import Encoder, load_spec, resolve_device
-from extract.fastimage import sample_bytes
-from extract.loop import (
+from fusebench.extract.encoders import Encoder, load_spec, resolve_device
+from fusebench.extract.fastimage import sample_bytes
+from fusebench.extract.loop import (
     KEPT,
     ExtractError,
     ExtractInterrupted,
@@ -70,6 +65,10 @@ from extract.loop import (
     os_error_line,
     read_dataset,
 )
+from PIL import Image
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from tqdm import tqdm
 
 
 def split_encoders(

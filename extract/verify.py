@@ -9,12 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from cache import CacheError, DamagedCacheError, FeatureStore
-from cache.integrity import fix_line, verify_digests
-from cache.reader import check_openable, read_header, reading
-from extract.datasets import Dataset, load_dataset
-from extract.encoders import Encoder, create_encoder
+from fusebench.cache import CacheError, DamagedCacheError, FeatureStore
+from fusebench.cache.integrity import fix_line, verify_digests
+from fusebench.cache.reader import check_openable, read_header, reading
+from fusebench.extract.datasets import Dataset, load_dataset
+from fusebench.extract.encoders import Encoder, create_encoder
 
 # float16 storage keeps ~3 significant digits; batching/padding may move the last bit.
 ATOL, RTOL = 2e-3, 4e-3

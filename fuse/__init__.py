@@ -7,9 +7,15 @@ Reads only the cache (cache/); never imports extract/ or transformers. Entry poi
 Torch and LightGBM load when a head needs them, not on `import fuse`.
 """
 
-from fuse.features import FeatureMismatchError, FeatureSet, load_feature_set
-from fuse.protocol import StratifiedProtocol
-from fuse.registry import UnknownHeadError, build_head, get_head, list_heads, register_head
+from fusebench.fuse.features import FeatureMismatchError, FeatureSet, load_feature_set
+from fusebench.fuse.protocol import StratifiedProtocol
+from fusebench.fuse.registry import (
+    UnknownHeadError,
+    build_head,
+    get_head,
+    list_heads,
+    register_head,
+)
 
 __all__ = [
     "FeatureMismatchError",

@@ -18,9 +18,8 @@ import numpy as np
 def note(message: str) -> None:
     """A line for the user on stderr that does not break a running progress bar. Under
     torchrun only rank 0 speaks: every rank of a grid makes the same notes (fuse.distributed)."""
+    from fusebench.cache.ranks import world
     from tqdm import tqdm
-
-    from cache.ranks import world
 
     if world()[0] != 0:
         return

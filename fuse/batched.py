@@ -40,12 +40,8 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
-
-from fuse.features import FeatureSet
-from fuse.trainer import (
+from fusebench.fuse.features import FeatureSet
+from fusebench.fuse.trainer import (
     FORWARD_ARGS,
     EarlyStopping,
     TorchClassifier,
@@ -59,6 +55,9 @@ from fuse.trainer import (
     val_scores,
     warm_up,
 )
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from tqdm.auto import tqdm
 
 __all__ = ["BATCH_TOKEN_HEADS", "NotBatchable", "StackedAdamW", "can_batch", "fit_together"]
 

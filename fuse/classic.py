@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.exceptions import NotFittedError
-
-from fuse._util import DamagedModelError
-from fuse.features import FeatureSet, check_inputs
-from fuse.registry import (
+from fusebench.fuse._util import DamagedModelError
+from fusebench.fuse.features import FeatureSet, check_inputs
+from fusebench.fuse.registry import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_INT,
@@ -27,6 +25,7 @@ from fuse.registry import (
     check_params,
     register_head,
 )
+from sklearn.exceptions import NotFittedError
 
 
 def pooled_matrix(fs: FeatureSet, modalities: tuple[str, ...]) -> np.ndarray:

@@ -31,12 +31,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cache import ranks
-from fuse._util import OutputError, StagedRunDir
+from fusebench.cache import ranks
+from fusebench.fuse._util import OutputError, StagedRunDir
 
 if TYPE_CHECKING:
-    from fuse.experiment import HeadRun
-    from fuse.grid import Cell, GridSpec
+    from fusebench.fuse.experiment import HeadRun
+    from fusebench.fuse.grid import Cell, GridSpec
 
 __all__ = [
     "SharedRunDir",
@@ -57,7 +57,7 @@ TOKEN_COST = 8.0  # a token head's fit vs a pooled one's (cross_attn dominates a
 def estimated_cost(cell: Cell) -> float:
     """A cell's relative cost, for balancing only (it never changes a number): token heads
     (attention over every token) cost several pooled or classical fits."""
-    from fuse.registry import head_needs_tokens
+    from fusebench.fuse.registry import head_needs_tokens
 
     return TOKEN_COST if head_needs_tokens(cell.head, cell.overrides) else 1.0
 

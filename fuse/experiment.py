@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-
-from fuse._util import note, plain, versions
-from fuse.features import FeatureSet, check_inputs
-from fuse.grid import (
+from fusebench.fuse._util import note, plain, versions
+from fusebench.fuse.features import FeatureSet, check_inputs
+from fusebench.fuse.grid import (
     Cell,
     FeatureBank,
     GridSpec,
@@ -48,10 +47,10 @@ from fuse.grid import (
     parse_heads,
     resolve_settings,
 )
-from fuse.metrics import aggregate, score
-from fuse.protocol import Fold, StratifiedProtocol
-from fuse.registry import build_head, get_head, head_needs_tokens
-from fuse.report import write_csv
+from fusebench.fuse.metrics import aggregate, score
+from fusebench.fuse.protocol import Fold, StratifiedProtocol
+from fusebench.fuse.registry import build_head, get_head, head_needs_tokens
+from fusebench.fuse.report import write_csv
 
 __all__ = [
     "FitProgress",
@@ -254,7 +253,7 @@ def _fit_batched(
     """Fits `heads` (one per (seed, fold) of `pairs`) together when they are torch heads
     that vmap can run (fuse.batched); False (nothing fitted) when they are to be fitted one
     at a time: non-torch heads, a single fit, or a module vmap refuses (with a note)."""
-    from fuse import batched
+    from fusebench.fuse import batched
 
     if not batched.can_batch(heads):
         return False
@@ -306,7 +305,7 @@ def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -
     and splits alike, fits its share into the one staged folder, and rank 0 writes the run
     from every rank's fits, as one process would; the other ranks get the same folder and
     results, with a one-line table saying what they fitted."""
-    from fuse import distributed
+    from fusebench.fuse import distributed
 
     def prepare() -> tuple:  # every check before training; no collective inside
         seeds = check_seeds(spec.seeds)
@@ -351,7 +350,7 @@ def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -
         results = json.loads((run.final / "results.json").read_text())
         table = distributed.follower_line(len(mine))
         return RunResult(run_dir=run.final, results=results, table=table)
-    from fuse.report import cells_table
+    from fusebench.fuse.report import cells_table
 
     return RunResult(run_dir=run.final, results=results, runs=runs, table=cells_table(results))
 
@@ -399,7 +398,7 @@ def plan(spec: GridSpec) -> tuple[list[Cell], dict[str, dict]]:
             class_weights=spec.class_weights,
         )
         if getattr(head, "kind", "") == "torch":
-            from fuse.trainer import resolve_device
+            from fusebench.fuse.trainer import resolve_device
 
             resolve_device(head.train.device)
         config = head.get_config()
@@ -547,7 +546,7 @@ def write_run(
     (run_dir / "results.json").write_text(json.dumps(plain(results), indent=2))
     write_csv(run_dir / "results.csv", results_rows(results))
     write_csv(run_dir / "runs.csv", [run_row(r, results["cells"][r.cell]) for r in runs])
-    from fuse.report import write_plots
+    from fusebench.fuse.report import write_plots
 
     write_plots(run_dir, results)
     return results

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from cache import OK, FeatureStore, TokenFeatures
-from cache.lazy import BlockCache, LazyRows, rows_per_block
-from cache.naming import cache_file
-from fuse._util import few, note
+from fusebench.cache import OK, FeatureStore, TokenFeatures
+from fusebench.cache.lazy import BlockCache, LazyRows, rows_per_block
+from fusebench.cache.naming import cache_file
+from fusebench.fuse._util import few, note
 
 MODALITIES = ("text", "image")
 
@@ -288,7 +287,7 @@ def load_feature_set(
                 f"(extract it with `fusebench extract --encoder {encoder}`)"
             )
     if stream is None:
-        from fuse.streaming import plan_for
+        from fusebench.fuse.streaming import plan_for
 
         pairs = [(enc, m) for m, enc in wanted.items()]
         plan, block_cache = plan_for(features_dir, pairs, want_tokens, memory_budget)
@@ -401,7 +400,7 @@ def _check_features_dir(features_dir: Path) -> None:
 def _freshness(store: FeatureStore, allow_stale: bool) -> list[str]:
     """[] when the cache matches its dataset (or the dataset is out of reach); with
     allow_stale, the changes found (noted), else StaleCacheError naming them."""
-    from cache import check_fresh, ensure_fresh
+    from fusebench.cache import check_fresh, ensure_fresh
 
     if not allow_stale:
         ensure_fresh(store)

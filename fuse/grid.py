@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 import yaml
-
-from fuse._util import deep_merge, few, note
-from fuse.features import (
+from fusebench.fuse._util import deep_merge, few, note
+from fusebench.fuse.features import (
     MODALITIES,
     Excluded,
     FeatureSet,
@@ -42,8 +41,8 @@ from fuse.features import (
     check_rows_agree,
     load_feature_set,
 )
-from fuse.protocol import StratifiedProtocol
-from fuse.registry import get_head, head_needs_tokens, list_heads, resolve_params
+from fusebench.fuse.protocol import StratifiedProtocol
+from fusebench.fuse.registry import get_head, head_needs_tokens, list_heads, resolve_params
 
 NONE = "none"  # how an absent encoder is written: --image none, cell ids, config.yaml lists
 
@@ -452,7 +451,7 @@ def _budget(budget: Any) -> str | None:
     """--memory-budget as typed (checked now, so a bad size fails before any cache is read)."""
     if budget is None:
         return None
-    from fuse.streaming import parse_size
+    from fusebench.fuse.streaming import parse_size
 
     parse_size(budget)
     return str(budget)
@@ -651,8 +650,8 @@ def _stream_plan(
 ):
     """plan_for over every (encoder, modality) of the bank; nothing to plan without caches
     (load_feature_set then names what is missing)."""
-    from fuse.features import cache_path
-    from fuse.streaming import plan_for
+    from fusebench.fuse.features import cache_path
+    from fusebench.fuse.streaming import plan_for
 
     pairs = [(enc, m) for enc, mods in wanted.items() for m in sorted(mods)]
     if not Path(features).is_dir() or not all(

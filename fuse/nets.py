@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fusebench.fuse.registry import DROPOUT, POSITIVE_INT, check_params, register_head
+from fusebench.fuse.trainer import InputDims, TorchClassifier, TrainConfig
 from torch import nn
-
-from fuse.registry import DROPOUT, POSITIVE_INT, check_params, register_head
-from fuse.trainer import InputDims, TorchClassifier, TrainConfig
 
 
 def mlp(d_in: int, hidden: int, n_out: int, dropout: float) -> nn.Sequential:

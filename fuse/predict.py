@@ -44,8 +44,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-
-from fuse._util import (
+from fusebench.fuse._util import (
     STAGING,
     OutputError,
     deep_merge,
@@ -55,8 +54,8 @@ from fuse._util import (
     plain,
     write_atomic,
 )
-from fuse.features import MODALITIES, FeatureSet, load_feature_set
-from fuse.grid import cell_slug
+from fusebench.fuse.features import MODALITIES, FeatureSet, load_feature_set
+from fusebench.fuse.grid import cell_slug
 
 UNPREDICTED = ""  # the tag of a row the head has no features for
 MODES = ("ensemble", "refit", "fold0")
@@ -219,11 +218,11 @@ def load_head(folder: str | Path, *, device: str = "auto") -> Any:
         ) from None
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind == "torch":
-        from fuse.trainer import TorchClassifier
+        from fusebench.fuse.trainer import TorchClassifier
 
         return TorchClassifier.load(folder, device=device)
     if kind == "joblib":
-        from fuse.classic import PooledEstimator
+        from fusebench.fuse.classic import PooledEstimator
 
         return PooledEstimator.load(folder)
     raise RunFolderError(
@@ -343,7 +342,7 @@ def refit_plan(config: dict, cell_id: str, fs: FeatureSet) -> dict:
 def _build(head: str, params: dict, iterations: dict, *, seed: int, device: str | None) -> Any:
     """An unfitted head from resolved hyperparameters, with `iterations` (epochs of a torch
     head, or a hyperparameter such as n_estimators) put in."""
-    from fuse.registry import get_head
+    from fusebench.fuse.registry import get_head
 
     extra = {k: v for k, v in iterations.items() if k != "epochs"}
     return get_head(head).from_config(

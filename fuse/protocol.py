@@ -17,8 +17,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
-
-from fuse.features import FeatureSet
+from fusebench.fuse.features import FeatureSet
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
-from configs import bundled_path
-from fuse._util import deep_merge
+from fusebench.configs import bundled_path
+from fusebench.fuse._util import deep_merge
 
 CONFIG_DIR = bundled_path("heads")  # configs/heads/, package data of the install
-BUILTIN_MODULES = ("fuse.nets", "fuse.classic")  # their heads ship a YAML each
+BUILTIN_MODULES = ("fusebench.fuse.nets", "fusebench.fuse.classic")  # their heads ship a YAML each
 
 
 class UnknownHeadError(ValueError):
@@ -80,8 +79,8 @@ register_head = HEADS.register
 
 
 def _load_builtin() -> None:
-    import fuse.classic  # noqa: F401  (registers lightgbm, logreg)
-    import fuse.nets  # noqa: F401  (registers the torch heads)
+    import fusebench.fuse.classic  # noqa: F401  (registers lightgbm, logreg)
+    import fusebench.fuse.nets  # noqa: F401  (registers the torch heads)
 
 
 def get_head(name: str) -> type:

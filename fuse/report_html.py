@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from fuse._util import STAGING, OutputError, os_error_line, write_atomic
-from fuse.report import (
+from fusebench.fuse._util import STAGING, OutputError, os_error_line, write_atomic
+from fusebench.fuse.report import (
     CELL_HEADER,
     cell_rows,
     fits_phrase,

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from cache import TokenFeatures
-from cache.lazy import BlockCache, LazyRows, rows_per_block, stored_nbytes
+from fusebench.cache import TokenFeatures
+from fusebench.cache.lazy import BlockCache, LazyRows, rows_per_block, stored_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +113,7 @@ def plan_for(
     modalities read as tokens, or encoder -> such modalities), with a note naming what
     streams and why. The cache holds at least two shuffle buffers (BUFFER_BLOCKS blocks of
     every streamed array), whatever the budget: else every batch would read its blocks again."""
-    from fuse.features import cache_path
+    from fusebench.fuse.features import cache_path
 
     limit = resolve_budget(budget)
     pairs = set(pairs)
@@ -131,7 +130,7 @@ def plan_for(
     if not streamed:
         return set(), None
     block = sum(rows_per_block(rows[k]) * rows[k] for k in streamed)  # one of each array
-    from fuse._util import note
+    from fusebench.fuse._util import note
 
     names = ", ".join(
         f"{m} tokens of {cache_path(features_dir, enc).name} ({fmt_bytes(arrays[(enc, m)])})"

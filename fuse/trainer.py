@@ -17,16 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from fusebench.cache import TokenFeatures
+from fusebench.fuse._util import DamagedModelError
+from fusebench.fuse.features import FeatureSet, Modality, check_inputs
+from fusebench.fuse.registry import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_value
+from fusebench.fuse.streaming import BUFFER_BLOCKS, block_order, resident
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import f1_score
 from torch import nn
 from tqdm.auto import tqdm
-
-from cache import TokenFeatures
-from fuse._util import DamagedModelError
-from fuse.features import FeatureSet, Modality, check_inputs
-from fuse.registry import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_value
-from fuse.streaming import BUFFER_BLOCKS, block_order, resident
 
 FORWARD_ARGS = (
     "text_tokens",
@@ -695,7 +694,7 @@ class TorchClassifier:
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "auto") -> TorchClassifier:
         """The head saved by save(); a missing or damaged file is a DamagedModelError."""
-        from fuse.registry import get_head
+        from fusebench.fuse.registry import get_head
 
         folder = Path(folder)
         dev = resolve_device(device)  # a bad --device is the user's flag, not damage

@@ -157,7 +157,7 @@ def lab5(tmp_path) -> Path:
 def write_noise_cache(path: Path, n: int, dim: int, seed: int = 3) -> None:
     """The leak canaries' cache: random labels on random pooled text and image vectors (no
     tokens), so nothing is learnable and a scored row that leaked into fitting shows."""
-    from cache import TokenFeatures, write_features
+    from fusebench.cache import TokenFeatures, write_features
 
     rng = np.random.default_rng(seed)
     write_features(

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fusebench.cache import TokenFeatures, write_features
+from fusebench.fuse import StratifiedProtocol, batched, build_head, load_feature_set
+from fusebench.fuse.batched import StackedAdamW, _clip_per_member, fit_together
+from fusebench.fuse.experiment import evaluate_head
+from fusebench.fuse.grid import resolve_settings
+from fusebench.fuse.nets import ConcatMLP
+from fusebench.fuse.protocol import Fold
+from fusebench.fuse.registry import HEADS
 from typer.testing import CliRunner
 
-from cache import TokenFeatures, write_features
-from cli import app
-from fuse import StratifiedProtocol, batched, build_head, load_feature_set
-from fuse.batched import StackedAdamW, _clip_per_member, fit_together
-from fuse.experiment import evaluate_head
-from fuse.grid import resolve_settings
-from fuse.nets import ConcatMLP
-from fuse.protocol import Fold
-from fuse.registry import HEADS
+from fusebench.cli import app
 from tests.conftest import write_noise_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fusebench.cache.integrity as integrity
 import h5py
 import numpy as np
 import pytest
-
-import cache.integrity as integrity
-from cache import CacheWriter, FeatureStore, TokenFeatures, read_rows, write_features
-from cache.format import DamagedCacheError
+from fusebench.cache import CacheWriter, FeatureStore, TokenFeatures, read_rows, write_features
+from fusebench.cache.format import DamagedCacheError
 
 LENGTH, DIM = 64, 48
 

@@ -9,9 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageFile
-
-from extract.datasets import (
+from fusebench.extract.datasets import (
     LABELS,
     Dataset,
     Sample,
@@ -22,6 +20,7 @@ from extract.datasets import (
     load_dataset,
     load_image,
 )
+from PIL import Image, ImageFile
 
 LAB5_DEV = Path(__file__).parents[1].parent / "shared" / "data" / "lab5-dev"
 CP1252_TEXT = b"caf\xe9 \x93quoted\x94\r\n"

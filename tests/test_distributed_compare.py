@@ -23,12 +23,12 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from fusebench.fuse import distributed
+from fusebench.fuse._util import OutputError
+from fusebench.fuse.distributed import assign
 from typer.testing import CliRunner
 
-from cli import app
-from fuse import distributed
-from fuse._util import OutputError
-from fuse.distributed import assign
+from fusebench.cli import app
 from tests.test_fuse import synthetic, write
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -266,9 +266,8 @@ def test_a_check_failing_on_one_rank_fails_every_rank_with_its_line(two_ranks):
 
 def test_each_rank_fits_on_its_own_gpu_and_config_keeps_the_flag(monkeypatch):
     import torch
-
-    from fuse.grid import GridSpec
-    from fuse.protocol import StratifiedProtocol
+    from fusebench.fuse.grid import GridSpec
+    from fusebench.fuse.protocol import StratifiedProtocol
 
     spec = GridSpec("compare", Path("f"), ("t",), ("i",), ("logreg",), StratifiedProtocol(), (1,))
     assert distributed.rank_spec(spec) is spec  # one process: as given

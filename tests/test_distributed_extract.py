@@ -19,11 +19,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fusebench.cache import exclusive_lock, parts_dir
+from fusebench.cache.integrity import ATTRS
+from fusebench.extract.distributed import Failure, Shard
+from fusebench.extract.loop import ExtractError, extract
 
-from cache import exclusive_lock, parts_dir
-from cache.integrity import ATTRS
-from extract.distributed import Failure, Shard
-from extract.loop import ExtractError, extract
 from tests.conftest import REPO, make_lab5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -130,13 +130,13 @@ DIE_AFTER_FIRST_BATCH = """
 import os, sys
 sys.path.insert(0, {repo!r})
 if os.environ["RANK"] == "1":  # rank 1 dies (exit 9) right after journalling its first batch
-    import cache.journal as journal
+    import fusebench.cache.journal as journal
     save = journal.Journal.save
     def save_then_die(self, *a, **k):
         save(self, *a, **k)
         os._exit(9)
     journal.Journal.save = save_then_die
-import cli
+import fusebench.cli as cli
 sys.argv = ["cli.py", *sys.argv[1:]]
 cli.main()
 """

@@ -16,10 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from typer.testing import CliRunner, Result
-
-from cache import (
+from fusebench.cache import (
     FAILED,
     OK,
     FeatureStore,
@@ -30,11 +27,14 @@ from cache import (
     parts_dir,
     temp_path,
 )
-from cli import app
-from extract.datasets import LABELS, load_dataset
-from extract.encoders import create_encoder, list_encoders
-from extract.loop import cache_path, extract, plan_batches
-from extract.verify import current_config, rebuild_encoder
+from fusebench.extract.datasets import LABELS, load_dataset
+from fusebench.extract.encoders import create_encoder, list_encoders
+from fusebench.extract.loop import cache_path, extract, plan_batches
+from fusebench.extract.verify import current_config, rebuild_encoder
+from PIL import Image
+from typer.testing import CliRunner, Result
+
+from fusebench.cli import app
 from tests.conftest import make_lab5, write_image
 
 # "Equal to float16 precision": a few float16 ulps at |x| ~ 1 (what verify also allows).
@@ -597,7 +597,7 @@ def test_precision_bf16_autocast_is_recorded_and_changes_only_the_low_bits(
 def test_float16_for_storage_has_numpy_astype_bits_overflow_included():
     """Features become float16 where they were computed (the GPU, in a real run): the bits
     must be numpy's astype's, so caches, journals and resumed runs agree whatever converts."""
-    from extract.encoders import _f16
+    from fusebench.extract.encoders import _f16
 
     rng = np.random.default_rng(0)
     scales = (1e-8, 1e-5, 1e-3, 1.0, 100.0, 3e4, 7e4)  # subnormals .. beyond float16's range

@@ -17,15 +17,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fusebench.extract.datasets import Sample, load_dataset, open_sample_image
+from fusebench.extract.encoders import create_encoder
+from fusebench.extract.fastimage import FastImagePath
+from fusebench.extract.loop import cache_path
+from fusebench.extract.verify import verify
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli import app
-from extract.datasets import Sample, load_dataset, open_sample_image
-from extract.encoders import create_encoder
-from extract.fastimage import FastImagePath
-from extract.loop import cache_path
-from extract.verify import verify
+from fusebench.cli import app
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -15,11 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from cli import app
-from extract.datasets import (
+from fusebench.extract.datasets import (
     Dataset,
     check_report,
     detect_format,
@@ -28,7 +24,11 @@ from extract.datasets import (
     open_sample_image,
     parse_columns,
 )
-from extract.loop import cache_config
+from fusebench.extract.loop import cache_config
+from PIL import Image
+from typer.testing import CliRunner
+
+from fusebench.cli import app
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -175,7 +175,7 @@ def test_every_format_reads_the_same_samples(tmp_path: Path, kind: str):
 def test_embedded_images_are_reread_one_row_group_at_a_time(tmp_path: Path):
     rows = rows_of([i % 2 for i in range(10)])
     dataset = load_dataset(write_manifest(tmp_path / "d", rows, "parquet-bytes"))
-    from extract import datasets as module
+    from fusebench.extract import datasets as module
 
     for i in (9, 0, 5, 4, 1):  # any order; row groups hold 4 rows
         assert np.array_equal(np.asarray(open_sample_image(dataset.samples[i])),
@@ -247,7 +247,7 @@ class _StubEncoder:
 
 
 def test_column_mapping_is_part_of_the_cache_config(tmp_path: Path):
-    from cache import fingerprint
+    from fusebench.cache import fingerprint
 
     rows = rows_of(["a", "b"])
     plain = load_dataset(write_manifest(tmp_path / "plain", rows, "csv"))

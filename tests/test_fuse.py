@@ -13,18 +13,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fusebench.cache import FAILED, OK, TokenFeatures, write_features
+from fusebench.fuse import (
+    FeatureMismatchError,
+    StratifiedProtocol,
+    build_head,
+    list_heads,
+    load_feature_set,
+)
+from fusebench.fuse.experiment import evaluate_head
+from fusebench.fuse.metrics import aggregate
+from fusebench.fuse.protocol import Fold, scorable_rows
+from fusebench.fuse.registry import CONFIG_DIR, HEADS, Registry, UnknownHeadError, get_head
+from fusebench.fuse.trainer import TorchClassifier, batches, class_weight_vector
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
-from cache import FAILED, OK, TokenFeatures, write_features
-from cli import app
-from fuse import FeatureMismatchError, StratifiedProtocol, build_head, list_heads, load_feature_set
-from fuse.experiment import evaluate_head
-from fuse.metrics import aggregate
-from fuse.protocol import Fold, scorable_rows
-from fuse.registry import CONFIG_DIR, HEADS, Registry, UnknownHeadError, get_head
-from fuse.trainer import TorchClassifier, batches, class_weight_vector
+from fusebench.cli import app
 from tests.conftest import write_noise_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -671,9 +677,10 @@ def test_cli_refuses_caches_with_mismatched_labels(tmp_path):
 def test_importing_fuse_leaves_extract_and_transformers_out():
     modules = sorted(p.stem for p in (ROOT / "fuse").glob("*.py") if p.stem != "__init__")
     code = (
-        f"import fuse, {', '.join('fuse.' + m for m in modules)}; import sys; "
-        "bad = [m for m in sys.modules if m == 'transformers' or m.startswith('transformers.') "
-        "or m == 'extract' or m.startswith('extract.')]; assert not bad, bad"
+        f"import fusebench.fuse, {', '.join('fusebench.fuse.' + m for m in modules)}; "
+        "import sys; bad = [m for m in sys.modules if m == 'transformers' "
+        "or m.startswith('transformers.') or m == 'fusebench.extract' "
+        "or m.startswith('fusebench.extract.')]; assert not bad, bad"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -759,8 +766,7 @@ def test_standardized_inputs_keep_a_head_from_collapsing_on_outlier_dimensions(t
 
 def test_standardized_tokens_keep_padding_zero():
     import torch
-
-    from fuse.trainer import Standardized
+    from fusebench.fuse.trainer import Standardized
 
     seen = {}
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fusebench.cache import FAILED, OK, FeatureStore
+from fusebench.fuse.grid import parse_assignment
+from fusebench.fuse.metrics import mean_std
+from fusebench.fuse.predict import load_head
+from fusebench.fuse.protocol import StratifiedProtocol
 from typer.testing import CliRunner
 
-from cache import FAILED, OK, FeatureStore
-from cli import app
-from fuse.grid import parse_assignment
-from fuse.metrics import mean_std
-from fuse.predict import load_head
-from fuse.protocol import StratifiedProtocol
+from fusebench.cli import app
 from tests.test_fuse import synthetic, write
 
 runner = CliRunner()
@@ -256,7 +256,7 @@ def test_print_config_shows_resolved_settings_and_trains_nothing(swept, tmp_path
 
 
 def test_split_seed_changes_the_folds(caches):
-    from fuse import load_feature_set
+    from fusebench.fuse import load_feature_set
 
     fs = load_feature_set(caches["dir"], text="ta", image=None)
     a, b = (StratifiedProtocol(folds=3, split_seed=s).splits(fs) for s in (42, 7))

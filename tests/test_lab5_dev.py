@@ -7,10 +7,10 @@ import csv
 
 import numpy as np
 import pytest
+from fusebench.cache import FeatureStore
 from typer.testing import CliRunner
 
-from cache import FeatureStore
-from cli import app
+from fusebench.cli import app
 from tests.conftest import LAB5_DEV
 
 pytestmark = pytest.mark.skipif(not LAB5_DEV.exists(), reason="../shared/data/lab5-dev not present")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fusebench.cache import TokenFeatures, write_features
 
-from cache import TokenFeatures, write_features
 from tests.conftest import make_lab5
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,7 +172,7 @@ class _Terminal(io.StringIO):
 
 
 def test_on_a_terminal_the_bar_names_head_seed_and_fold_and_no_lines_are_printed(monkeypatch):
-    from fuse.experiment import FitProgress
+    from fusebench.fuse.experiment import FitProgress
 
     screen = _Terminal()
     monkeypatch.setattr(sys, "stderr", screen)

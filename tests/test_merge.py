@@ -10,13 +10,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fusebench.cache import FeatureStore, MergeError, TokenFeatures, fingerprint, merge_caches
+from fusebench.cache.integrity import verify_digests
+from fusebench.cache.merge import merge_sources
+from fusebench.cache.writer import temp_path, write_features
 from typer.testing import CliRunner
 
-from cache import FeatureStore, MergeError, TokenFeatures, fingerprint, merge_caches
-from cache.integrity import verify_digests
-from cache.merge import merge_sources
-from cache.writer import temp_path, write_features
-from cli import app
+from fusebench.cli import app
 from tests.conftest import make_lab5
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -17,14 +17,14 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
+from fusebench.cache import parts_dir
+from fusebench.extract.datasets import Sample, open_sample_image
+from fusebench.extract.loop import ExtractInterrupted, cache_path, extract
+from fusebench.extract.multi import extract_many, load_once
 from PIL import ImageFile
 from typer.testing import CliRunner
 
-from cache import parts_dir
-from cli import app
-from extract.datasets import Sample, open_sample_image
-from extract.loop import ExtractInterrupted, cache_path, extract
-from extract.multi import extract_many, load_once
+from fusebench.cli import app
 from tests.conftest import make_lab5, write_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -148,9 +148,8 @@ def test_exact_preprocess_one_pass_equals_separate_runs(corpus, tiny_models, tmp
 
 
 def test_load_once_shares_a_decode_only_between_equal_draft_scales(tiny_models, tmp_path):
+    from fusebench.extract.fastimage import FastImagePath
     from transformers import AutoImageProcessor
-
-    from extract.fastimage import FastImagePath
 
     def encoder(side: int | None):
         if side is None:
@@ -180,7 +179,7 @@ def test_load_once_shares_a_decode_only_between_equal_draft_scales(tiny_models, 
 def test_interrupted_after_the_first_image_batch_resumes_identically(
     corpus, separate, tiny_models, tmp_path, monkeypatch
 ):
-    import extract.encoders as E
+    import fusebench.extract.encoders as E
 
     calls = {"n": 0}
     original = E.ImageEncoder.encode_image
@@ -235,7 +234,7 @@ def test_cli_skips_an_up_to_date_encoder_while_computing_the_other(
 def test_setup_errors_are_one_line_before_any_model_loads(
     corpus, tiny_models, tmp_path, monkeypatch
 ):
-    import extract.loop as L
+    import fusebench.extract.loop as L
 
     def no_model(*a, **k):
         raise AssertionError("a model loaded before the options were checked")

@@ -27,14 +27,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fusebench.cache import TokenFeatures, write_features
+from fusebench.cache.naming import cache_file, cache_stem
 from typer.testing import CliRunner
 
-from cache import TokenFeatures, write_features
-from cache.naming import cache_file, cache_stem
-from cli import app
+from fusebench.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "cli.py", "extract", "cache", "fuse", "configs")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "cli.py",
+    "fusebench",
+    "extract",
+    "cache",
+    "fuse",
+    "configs",
+)
 VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
 runner = CliRunner()
 
@@ -137,10 +146,15 @@ def test_the_wheel_ships_every_config_and_no_tests(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for kind in ("encoders", "heads"):
         for yaml_file in (REPO / "configs" / kind).glob("*.yaml"):
-            assert f"configs/{kind}/{yaml_file.name}" in names
-    assert "configs/demo/vit-random/config.json" in names  # the demo's random ViT
-    assert {"cli.py", "cache/naming.py", "extract/loop.py", "fuse/registry.py"} <= names
-    assert not [n for n in names if n.startswith("tests/")]
+            assert f"fusebench/configs/{kind}/{yaml_file.name}" in names
+    assert "fusebench/configs/demo/vit-random/config.json" in names  # the demo's random ViT
+    ours = {"cli.py", "cache/naming.py", "extract/loop.py", "fuse/registry.py", "__init__.py"}
+    assert {f"fusebench/{n}" for n in ours} <= names
+    # one import name: nothing but fusebench/ and its dist-info lands in site-packages
+    assert {n.split("/")[0] for n in names} == {"fusebench", f"fusebench-{VERSION}.dist-info"}
+    (top_level,) = [n for n in names if n.endswith("top_level.txt")] or [None]
+    if top_level:
+        assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["fusebench"]
 
 
 def _parquet_manifest(folder: Path) -> Path:
@@ -174,14 +188,21 @@ def test_the_installed_wheel_runs_from_another_directory(venv, tmp_path):
     pytest.importorskip("pyarrow")
     work = tmp_path / "elsewhere"
     work.mkdir()
+    # the user's own modules with the commonest names must neither shadow nor be shadowed
+    (work / "fuse.py").write_text("raise ImportError('a user module, not fusebench')\n")
+    for own in ("cache", "configs"):
+        (work / own).mkdir()
+        (work / own / "__init__.py").write_text("raise ImportError('a user package')\n")
     fusebench = str(venv / "bin" / "fusebench")
+    names = ("fusebench", "fusebench.cli", "fusebench.cache", "fusebench.configs")
+    names += ("fusebench.extract", "fusebench.fuse")
     where = ok(
         run(
             [
                 str(venv / "bin" / "python"),
                 "-c",
-                "import cli, cache, configs, extract, fuse; "
-                "print('\\n'.join(m.__file__ for m in (cli, cache, configs, extract, fuse)))",
+                "import importlib; "
+                f"print('\\n'.join(importlib.import_module(m).__file__ for m in {names!r}))",
             ],
             cwd=work,
         )
@@ -270,12 +291,17 @@ def test_the_installed_wheel_runs_from_another_directory(venv, tmp_path):
         logreg = next(row for row in csv.DictReader(fh) if row["head"] == "logreg")
     assert float(logreg["macro_f1_mean"]) > 0.8  # a planted signal, well above chance
 
+    # README's Python example, as written, on these caches (text minilm, image vit)
+    example = _readme_python_api().replace("features/lab5", "features/tweets")
+    printed = ok(run([str(venv / "bin" / "python"), "-c", example], cwd=work))
+    assert float(printed.split("macro-F1")[1]) > 0.5
+
 
 # ---------------------------------------------------------------- configs: errors, not defaults
 
 
 def test_a_builtin_head_without_its_yaml_is_an_error_naming_the_file(tmp_path, monkeypatch):
-    from fuse import registry
+    from fusebench.fuse import registry
 
     monkeypatch.setattr(registry, "CONFIG_DIR", tmp_path / "heads")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "heads" / "late.yaml"))):
@@ -287,8 +313,8 @@ def test_a_builtin_head_without_its_yaml_is_an_error_naming_the_file(tmp_path, m
 
 
 def test_a_plugin_head_without_a_yaml_keeps_its_own_defaults(monkeypatch):
-    from fuse import registry
-    from fuse.classic import LogRegHead
+    from fusebench.fuse import registry
+    from fusebench.fuse.classic import LogRegHead
 
     class PluginHead(LogRegHead):  # registered outside fusebench: no YAML shipped
         pass
@@ -299,7 +325,7 @@ def test_a_plugin_head_without_a_yaml_keeps_its_own_defaults(monkeypatch):
 
 
 def test_missing_encoder_configs_are_an_error_naming_the_folder(tmp_path, monkeypatch):
-    from extract import encoders
+    from fusebench.extract import encoders
 
     monkeypatch.setattr(encoders, "CONFIG_DIR", tmp_path / "encoders")
     with pytest.raises(FileNotFoundError, match="no encoder configs in"):
@@ -346,8 +372,8 @@ def test_cache_naming_rule():
 
 
 def test_an_hf_cache_written_by_extract_is_found_by_fuse(tiny_models, lab5, tmp_path):
-    from extract.loop import extract
-    from fuse import load_feature_set
+    from fusebench.extract.loop import extract
+    from fusebench.fuse import load_feature_set
 
     bert = f"hf:{tiny_models['bert']}"
     report = extract(lab5, bert, out=tmp_path / "f", device="cpu", quiet=True, num_workers=0)

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fusebench.cache import FAILED, OK
+from fusebench.fuse import load_feature_set
+from fusebench.fuse.grid import cell_slug
+from fusebench.fuse.predict import load_head
 from sklearn.metrics import accuracy_score, f1_score, log_loss
 from typer.testing import CliRunner
 
-from cache import FAILED, OK
-from cli import app
-from fuse import load_feature_set
-from fuse.grid import cell_slug
-from fuse.predict import load_head
+from fusebench.cli import app
 from tests.conftest import LAB5_DEV
 from tests.test_fuse import CLASSES, synthetic, write
 

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
-from typer.testing import CliRunner
-
-from cli import app
-from fuse.metrics import aggregate, mean_std, score
-from fuse.report import (
+from fusebench.fuse.metrics import aggregate, mean_std, score
+from fusebench.fuse.report import (
     CONFUSION_CAP,
     cells_table,
     heatmap_grid,
     score_range,
     write_plots,
 )
-from fuse.report_html import load_run, write_report
+from fusebench.fuse.report_html import load_run, write_report
+from PIL import Image
+from typer.testing import CliRunner
+
+from fusebench.cli import app
 
 CLASSES = ["negative", "neutral", "positive"]
 TORCH = ("cross_attn", "concat_mlp")

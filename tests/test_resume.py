@@ -14,15 +14,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fusebench.cache import parts_dir, temp_path
 
-from cache import parts_dir, temp_path
 from tests.conftest import REPO, make_lab5
 
 # The child runs the real CLI; only the encoder's batch call is slowed, so the test can
 # reliably kill it in the middle.
 SLOW_CLI = """
 import sys, time
-import extract.encoders as e
+import fusebench.extract.encoders as e
 for cls in (e.TextEncoder, e.ImageEncoder, e.ClipEncoder):
     for name in ("encode_text", "encode_image"):
         orig = getattr(cls, name)
@@ -30,7 +30,7 @@ for cls in (e.TextEncoder, e.ImageEncoder, e.ClipEncoder):
             time.sleep({delay})
             return _orig(self, *a, **k)
         setattr(cls, name, slow)
-import cli
+import fusebench.cli as cli
 sys.argv = ["cli.py", *sys.argv[1:]]
 cli.main()
 """
@@ -141,12 +141,12 @@ def test_kill_during_assembly_leaves_no_final_file(tmp_path, tiny_models):
     final = out / "lab5-asm" / "bert.h5"
     code = f"""
 import sys, os, signal
-import cache.writer as w
+import fusebench.cache.writer as w
 orig = w.CacheWriter.finish
 def die(self):
     os.kill(os.getpid(), signal.SIGKILL)
 w.CacheWriter.finish = die
-import cli
+import fusebench.cli as cli
 sys.argv = ["cli.py", "extract", "--encoder", "bert", "--model", {str(tiny_models["bert"])!r},
             "--data", {str(data)!r}, "--out", {str(out)!r}, "--quiet"]
 cli.main()
@@ -181,8 +181,8 @@ def test_background_journal_saves_keep_finished_parts_and_raise_a_failed_save(
 ):
     """Parts are written on a thread while the next batch runs: leaving on Ctrl-C still
     keeps every batch handed over, and a save that fails (disk full) is raised in the loop."""
-    from cache import TokenFeatures
-    from cache.journal import Journal
+    from fusebench.cache import TokenFeatures
+    from fusebench.cache.journal import Journal
 
     journal = Journal(tmp_path / "c.h5.parts", "fp")
     feats = TokenFeatures(

@@ -11,17 +11,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fusebench.cache import DamagedCacheError, lazy
+from fusebench.cache.lazy import BlockCache, LazyRows
+from fusebench.cache.lazy import read_rows as lazy_read
+from fusebench.fuse import StratifiedProtocol, build_head, load_feature_set
+from fusebench.fuse.features import Modality
+from fusebench.fuse.grid import Cell, load_bank
+from fusebench.fuse.streaming import fits_on_device, parse_size, plan_streaming, resident
+from fusebench.fuse.trainer import BUFFER_BLOCKS, batches, gather, row_blocks
 from typer.testing import CliRunner
 
-from cache import DamagedCacheError, lazy
-from cache.lazy import BlockCache, LazyRows
-from cache.lazy import read_rows as lazy_read
-from cli import app
-from fuse import StratifiedProtocol, build_head, load_feature_set
-from fuse.features import Modality
-from fuse.grid import Cell, load_bank
-from fuse.streaming import fits_on_device, parse_size, plan_streaming, resident
-from fuse.trainer import BUFFER_BLOCKS, batches, gather, row_blocks
+from fusebench.cli import app
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fuse import synthetic, write  # noqa: E402

@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import fusebench.cache.integrity as integrity
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner, Result
-
-import cache.integrity as integrity
-from cache import (
+from fusebench.cache import (
     CacheError,
     CacheLockedError,
     CacheWriteError,
@@ -38,9 +36,11 @@ from cache import (
     temp_path,
     write_features,
 )
-from cache.journal import Journal
-from cli import app
-from extract.loop import cache_path
+from fusebench.cache.journal import Journal
+from fusebench.extract.loop import cache_path
+from typer.testing import CliRunner, Result
+
+from fusebench.cli import app
 from tests.conftest import REPO, make_lab5
 
 runner = CliRunner()
@@ -319,7 +319,7 @@ def test_cache_verify_checks_every_array_not_only_the_recomputed_rows(bert_cache
 def test_rows_written_out_of_order_and_short_read_back_exactly(tmp_path):
     """Text batches arrive sorted by length: scattered rows, each batch padded to its own
     longest. The file holds each row zero-padded to L, in dataset order."""
-    from cache import CacheWriter, read_rows
+    from fusebench.cache import CacheWriter, read_rows
 
     n, length, dim = 23, 9, 6
     rng = np.random.default_rng(1)
@@ -449,7 +449,7 @@ def test_cache_info_gives_one_line_for_a_file_it_may_not_read(tmp_path, monkeypa
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr("cache.reader.h5py.File", denied)
+    monkeypatch.setattr("fusebench.cache.reader.h5py.File", denied)
     line = one_error_line(cli("cache", "info", path))
     assert "permission" in line.lower() and str(path) in line
 
@@ -503,7 +503,7 @@ def test_a_second_lock_in_the_same_process_is_refused(tmp_path):
 
 HOLD = """
 import sys, time
-from cache import exclusive_lock
+from fusebench.cache import exclusive_lock
 with exclusive_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -566,14 +566,14 @@ def test_lock_removal_race_never_gives_two_holders(tmp_path, monkeypatch):
 
 SLOW_IMAGES = """
 import sys, time
-import extract.encoders as e
+import fusebench.extract.encoders as e
 for cls in (e.ImageEncoder, e.ClipEncoder):
     orig = cls.encode_image
     def slow(self, *a, _orig=orig, **k):
         time.sleep(0.3)
         return _orig(self, *a, **k)
     cls.encode_image = slow
-import cli
+import fusebench.cli as cli
 sys.argv = ["cli.py", *sys.argv[1:]]
 cli.main()
 """
@@ -776,7 +776,7 @@ def test_journal_write_on_a_full_disk_leaves_no_partial_part(tmp_path, monkeypat
         fh.write(b"PK\x03\x04 partial bytes")
         _enospc()
 
-    monkeypatch.setattr("cache.journal.np.savez", half_then_full)
+    monkeypatch.setattr("fusebench.cache.journal.np.savez", half_then_full)
     with pytest.raises(CacheWriteError) as e:
         j.save("image", 1, np.asarray([2, 3]), _feats([2, 3]), [])
     assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
@@ -800,7 +800,7 @@ def test_extract_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(
             _enospc()
         real(fh, **arrays)
 
-    monkeypatch.setattr("cache.journal.np.savez", fills_up)
+    monkeypatch.setattr("fusebench.cache.journal.np.savez", fills_up)
     line = one_error_line(cli(*_bert_args(data, out, tiny_models)))
     assert "No space left" in line and str(out) in line
     final = cache_path(out, "lab5-mini", "bert")
@@ -814,9 +814,8 @@ def test_extract_on_a_full_disk_says_so_in_one_line_and_the_rerun_resumes(
 
 
 def test_cache_writer_on_a_full_disk_raises_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
-    import cache.integrity
 
-    real = cache.integrity.dataset_digest
+    real = integrity.dataset_digest
 
     def fails(ds, path):  # the disk fills while the finished file is read back and flushed
         if ds.name == "/text/tokens":
@@ -826,7 +825,7 @@ def test_cache_writer_on_a_full_disk_raises_one_line_and_leaves_no_tmp(tmp_path,
             )
         return real(ds, path)
 
-    monkeypatch.setattr("cache.writer.dataset_digest", fails)
+    monkeypatch.setattr("fusebench.cache.writer.dataset_digest", fails)
     path = tmp_path / "c.h5"
     with pytest.raises(CacheWriteError) as e:
         synthetic(path)
@@ -977,7 +976,7 @@ def test_a_row_copied_verbatim_counts_as_a_new_row(tmp_path):
 def test_rewrite_sources_records_a_header_edit_without_touching_features(tmp_path):
     """The header changed but no sample did (the fingerprint still matches): `extract` can
     re-record the files instead of leaving stage two refusing an up-to-date cache."""
-    from cache import rewrite_sources
+    from fusebench.cache import rewrite_sources
 
     root, rows = _dataset(tmp_path / "ds")
     store = _stored(tmp_path, record_sources(root, rows))
@@ -996,7 +995,7 @@ def test_rewrite_sources_records_a_header_edit_without_touching_features(tmp_pat
 def test_sources_of_a_real_lab5_dataset_name_an_edited_label(tmp_path):
     """Through the dataset reader's own paths and line numbers (Sample.text_path, image_path,
     index_line), as `extract` records them."""
-    from extract.datasets import load_dataset
+    from fusebench.extract.datasets import load_dataset
 
     data = make_lab5(tmp_path / "lab5-mini", n_train=6, n_test=2)
     ds = load_dataset(data)
@@ -1014,7 +1013,7 @@ def test_sources_of_a_real_lab5_dataset_name_an_edited_label(tmp_path):
 def test_a_cache_in_the_earlier_layout_still_opens(tmp_path):
     """Contiguous datasets, no digests, no sources (what fusebench wrote before): readable,
     with the per-row arrays still checked against the manifest."""
-    from cache import fingerprint
+    from fusebench.cache import fingerprint
 
     n, config = 5, {"encoder": "synthetic"}
     manifest = [{"guid": str(i), "split": "train", "label": i % 2} for i in range(n)]

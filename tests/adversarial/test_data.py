@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
-
-from cli import app
-from extract.datasets import (
+from fusebench.extract.datasets import (
     LABELS,
     detect_legacy_encoding,
     load_dataset,
     load_image,
 )
+from PIL import Image
+from typer.testing import CliRunner
+
+from fusebench.cli import app
 from tests.conftest import LAB5_DEV, write_image
 
 

@@ -16,19 +16,19 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import fusebench.extract.encoders as encoders
 import h5py
 import numpy as np
 import pytest
 import torch
+from fusebench.cache import FAILED, OK, CacheWriter, FeatureStore, parts_dir, temp_path
+from fusebench.cache.journal import Journal
+from fusebench.extract.datasets import load_dataset
+from fusebench.extract.loop import cache_path, extract
 from PIL import Image
 from typer.testing import CliRunner, Result
 
-import extract.encoders as encoders
-from cache import FAILED, OK, CacheWriter, FeatureStore, parts_dir, temp_path
-from cache.journal import Journal
-from cli import app
-from extract.datasets import load_dataset
-from extract.loop import cache_path, extract
+from fusebench.cli import app
 from tests.conftest import make_lab5, write_image
 
 runner = CliRunner()
@@ -203,7 +203,7 @@ def test_changed_data_refreshes_the_cache_reusing_every_unchanged_row(tiny_model
     (data / "data" / "999.txt").write_text("a new sample\n")
     write_image(data / "data" / "999.jpg", seed=99)
     (data / "train.txt").write_text(train + "999,negative\n")  # a label, and a new row
-    from cache import check_fresh  # the sources extract records: what stage two checks
+    from fusebench.cache import check_fresh  # the sources extract records: what stage two checks
 
     final = cache_path(out, "lab5-mini", "clip")
     assert "102" in " ".join(check_fresh(FeatureStore.open(final)))

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from fusebench.cache import FAILED, OK, TokenFeatures, write_features
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
-import cli
-from cache import FAILED, OK, TokenFeatures, write_features
-from cli import app
+import fusebench.cli as cli
+from fusebench.cli import app
 from tests.conftest import write_image
 
 runner = CliRunner()
@@ -293,12 +293,12 @@ def test_a_duplicate_in_the_image_file_only_leaves_that_row_out(tmp_path):
 @pytest.fixture
 def no_training(monkeypatch):
     """Fails the test if any head is trained."""
-    import fuse.experiment
+    import fusebench.fuse.experiment as experiment
 
     def boom(*a, **k):
         raise AssertionError("trained before checking the run folder")
 
-    monkeypatch.setattr(fuse.experiment, "evaluate_head", boom)
+    monkeypatch.setattr(experiment, "evaluate_head", boom)
 
 
 def test_out_that_is_a_file_fails_before_training(tmp_path, no_training):
@@ -325,31 +325,31 @@ def test_unwritable_out_fails_before_training(tmp_path, monkeypatch, no_training
 
 
 def test_disk_full_while_writing_leaves_no_run_folder(tmp_path, monkeypatch):
-    import fuse.experiment
+    import fusebench.fuse.experiment as experiment
 
     make_cache(tmp_path / "f" / "syn.h5")
 
     def full(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(fuse.experiment, "write_csv", full)
+    monkeypatch.setattr(experiment, "write_csv", full)
     line = one_line_error(fuse_cli(tmp_path / "f", tmp_path / "runs"), code=1)
     assert "No space left on device" in line and "val_predictions.csv" in line
     assert run_dirs(tmp_path / "runs") == []  # nothing that looks like a run, not even .tmp
 
 
 def test_a_run_is_written_under_tmp_and_renamed_when_finished(tmp_path, monkeypatch):
-    import fuse.experiment
+    import fusebench.fuse.experiment as experiment
 
     make_cache(tmp_path / "f" / "syn.h5")
     seen = []
-    real = fuse.experiment.write_csv
+    real = experiment.write_csv
 
     def spy(path, *a, **k):
         seen.append(Path(path).parent.name)
         return real(path, *a, **k)
 
-    monkeypatch.setattr(fuse.experiment, "write_csv", spy)
+    monkeypatch.setattr(experiment, "write_csv", spy)
     r = fuse_cli(tmp_path / "f", tmp_path / "runs")
     assert r.exit_code == 0, r.output
     (run,) = run_dirs(tmp_path / "runs")

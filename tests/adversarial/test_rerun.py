@@ -10,12 +10,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from fusebench.cache import FeatureStore, check_fresh, parts_dir
+from fusebench.cache.journal import Journal
+from fusebench.extract.loop import cache_path, extract
 from typer.testing import CliRunner
 
-from cache import FeatureStore, check_fresh, parts_dir
-from cache.journal import Journal
-from cli import app
-from extract.loop import cache_path, extract
+from fusebench.cli import app
 from tests.conftest import make_lab5
 
 runner = CliRunner()
@@ -112,7 +112,7 @@ def test_extract_reads_each_data_file_once_for_the_source_record(
     holds the right sha256 of each file."""
     import hashlib
 
-    import cache.sources as sources
+    import fusebench.cache.sources as sources
 
     data = make_lab5(tmp_path / "lab5-mini", n_train=6, n_test=2)
     hashed: list[Path] = []
