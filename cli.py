@@ -6,13 +6,30 @@ is instant and stage-two commands never load stage one.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from fusebench.cli_errors import (
+    EXIT_CODES,
+    FAILED,
+    INTERRUPTED,
+    OK,
+    READ,
+    RERUN,
+    STAGED,
+    USAGE,
+    fail,
+    failed_already,
+    one_line_errors,
+    sigterm_as_ctrl_c,
+)
+
 app = typer.Typer(
     help="Extract frozen encoder features once; compare fusion heads on the cache.",
+    epilog=EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -63,20 +80,18 @@ def _options(
     pass
 
 
-INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT)
-_failed: list[str] = []  # the error line a command printed (main() adds none after it)
-
-
-def fail(message: str, code: int = 1) -> None:
-    """One clear line on stderr, then exit."""
-    _failed.append(message)
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 # ---------------------------------------------------------------- stage one
 
 # the dataset-reading options `extract` and `data check` share
+DataOpt = Annotated[
+    Path,
+    typer.Option(
+        help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
+    ),
+]
+FormatOpt = Annotated[
+    str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")
+]
 TextEncodingOpt = Annotated[
     str | None,
     typer.Option(
@@ -97,23 +112,44 @@ ColumnOpt = Annotated[
         help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
     ),
 ]
+# extract's own options
+EncoderOpt = Annotated[
+    str,
+    typer.Option(
+        help="vit | bert | clip | minilm | hf:<id-or-path>; a comma list (vit,clip,bert) "
+        "runs them in one pass, each image decoded once, one cache each."
+    ),
+]
+RandomInitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--random-init", help="Random weights from the model's config (seed 0), no checkpoint."
+    ),
+]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
+]
+OnErrorOpt = Annotated[
+    str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")
+]
+ExactPreprocessOpt = Annotated[
+    bool,
+    typer.Option(
+        "--exact-preprocess",
+        help="Images through the model's own processor (slower) instead of the fast path that reproduces it.",
+    ),
+]
 
 
 @app.command()
+@one_line_errors(
+    os_error="{path}: {reason}; check the path and the disk, then rerun",
+    interrupted="rerun the same command to resume",
+)
 def extract(
-    data: Annotated[
-        Path,
-        typer.Option(
-            help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
-        ),
-    ],
-    encoder: Annotated[
-        str,
-        typer.Option(
-            help="vit | bert | clip | minilm | hf:<id-or-path>; a comma list (vit,clip,bert) "
-            "runs them in one pass, each image decoded once, one cache each."
-        ),
-    ] = "minilm",
+    ctx: typer.Context,
+    data: DataOpt,
+    encoder: EncoderOpt = "minilm",
     out: Annotated[
         Path, typer.Option(help="Features root; writes OUT/<dataset>/<encoder>.h5.")
     ] = Path("features"),
@@ -123,24 +159,13 @@ def extract(
     layer: Annotated[
         int | None, typer.Option(help="Hidden layer to store (0 = embeddings, -1 = last).")
     ] = None,
-    random_init: Annotated[
-        bool,
-        typer.Option(
-            "--random-init", help="Random weights from the model's config (seed 0), no checkpoint."
-        ),
-    ] = False,
-    data_format: Annotated[
-        str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")
-    ] = None,
+    random_init: RandomInitOpt = False,
+    data_format: FormatOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    precision: Annotated[
-        str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
-    ] = "auto",
+    precision: PrecisionOpt = "auto",
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N samples.")] = None,
-    on_error: Annotated[
-        str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")
-    ] = "skip",
+    on_error: OnErrorOpt = "skip",
     workers: Annotated[
         int | None, typer.Option(min=0, help="Image-loading worker processes.")
     ] = None,
@@ -150,57 +175,31 @@ def extract(
     text_encoding: TextEncodingOpt = None,
     labels: LabelsOpt = None,
     column: ColumnOpt = None,
-    exact_preprocess: Annotated[
-        bool,
-        typer.Option(
-            "--exact-preprocess",
-            help="Images through the model's own processor (slower) instead of the fast path that reproduces it.",
-        ),
-    ] = False,
+    exact_preprocess: ExactPreprocessOpt = False,
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
-    from fusebench.cache import CacheError
+    from fusebench.extract.options import ExtractOptions
+    from fusebench.extract.runner import run
+
+    # one runner: a single encoder is a list of one, several share one pass over the data
+    reps = run(ExtractOptions(data, encoder, **_extract_kwargs(ctx.params)))
+    _echo_extract_reports(reps)
+
+
+def _extract_kwargs(params: dict) -> dict:
+    """extract()'s keyword arguments from the `extract` command's options: each under its
+    own name, but --workers (num_workers), --labels and --column (parsed here)."""
     from fusebench.extract.datasets import parse_columns, split_labels
-    from fusebench.extract.loop import ExtractError
-    from fusebench.extract.loop import extract as run_extract
 
-    if on_error not in ("skip", "fail"):
-        fail("--on-error must be skip or fail", code=2)
-    try:
-        kw = dict(
-            out=out,
-            model=model,
-            layer=layer,
-            random_init=random_init,
-            data_format=data_format,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            limit=limit,
-            on_error=on_error,
-            num_workers=workers,
-            overwrite=overwrite,
-            quiet=quiet,
-            exact_preprocess=exact_preprocess,
-            text_encoding=text_encoding,
-            labels=split_labels(labels),
-            columns=parse_columns(column),
-        )
-        if "," in encoder:  # several encoders, one pass over the data
-            from fusebench.extract.multi import extract_many
+    if params["on_error"] not in ("skip", "fail"):
+        fail("--on-error must be skip or fail", code=USAGE)
+    kw = {k: v for k, v in params.items() if k not in ("data", "encoder", "workers", "column")}
+    kw.update(num_workers=params["workers"], labels=split_labels(params["labels"]))
+    return {**kw, "columns": parse_columns(params["column"])}
 
-            reps = extract_many(data, encoder, **kw)
-        else:
-            reps = [run_extract(data, encoder, **kw)]
-    except (ExtractError, CacheError) as e:
-        fail(" ".join(str(e).split()))
-    except (ValueError, FileNotFoundError) as e:
-        fail(" ".join(str(e).split()), code=2)
-    except OSError as e:  # a file-system fault the checks before the run could not foresee
-        fail(f"{e.filename or out}: {e.strerror or e}; check the path and the disk, then rerun")
-    except KeyboardInterrupt as e:
-        fail(str(e) or "interrupted; rerun the same command to resume", code=INTERRUPTED)
+
+def _echo_extract_reports(reps) -> None:
     for rep in reps:
         if rep.rank:  # a torchrun rank above 0 printed "rank r: computed k batches"; rank 0 reports
             continue
@@ -220,6 +219,13 @@ def _echo_extract_report(rep) -> None:
         more.append(f"{notes} notes (e.g. text decoded with a fallback encoding)")
     if more:
         typer.echo(f"  {' and '.join(more)}: fusebench cache info {rep.path}", err=True)
+    if rep.replaced:  # --overwrite over other data options: unchanged rows were copied
+        typer.echo(
+            f"replaced {rep.path} (--overwrite): {rep.rows} rows, {rep.ok} ok, {rep.failed} "
+            f"failed; computed {rep.computed} rows, reused {rep.kept} unchanged rows from the "
+            f"old cache and {rep.reused} from an earlier run; {rep.seconds:.1f}s"
+        )
+        return
     if rep.refreshed:  # the data changed since the cache was built: only changed rows ran
         typer.echo(
             f"refreshed {rep.path} (the data changed since it was built): {rep.rows} rows, "
@@ -234,19 +240,16 @@ def _echo_extract_report(rep) -> None:
 
 
 @cache_app.command("info")
+@one_line_errors(os_error=READ, path="file")
 def cache_info(file: Path) -> None:
     """Encoder, model, rows, shapes, size, status counts and the error log of a cache."""
     from fusebench.cache.inspect import describe
 
-    try:
-        typer.echo(describe(file))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e), code=2)
-    except OSError as e:
-        fail(f"cannot read {file} ({e.strerror or e}); check the path and its permissions", code=2)
+    typer.echo(describe(file))
 
 
 @cache_app.command("verify")
+@one_line_errors(os_error=READ, path="file")
 def cache_verify(
     file: Path,
     data: Annotated[
@@ -258,24 +261,14 @@ def cache_verify(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Re-check completeness and fingerprint against the data and model; recompute some rows."""
-    from fusebench.cache import CacheError
     from fusebench.extract.verify import verify
 
-    try:
-        lines = verify(file, data=data, rows=rows, device=device)
-    except CacheError as e:
-        fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e), code=2)
-    except OSError as e:
-        fail(
-            f"cannot read {e.filename or file} ({e.strerror or e}); check the path and its permissions"
-        )
-    for line in lines:
+    for line in verify(file, data=data, rows=rows, device=device):
         typer.echo(line)
 
 
 @cache_app.command("merge")
+@one_line_errors(os_error="cannot read {path} ({reason}); check the paths")
 def cache_merge(
     files: Annotated[
         list[Path], typer.Argument(help="Caches of one encoder and dataset.", metavar="CACHE")
@@ -284,17 +277,9 @@ def cache_merge(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Join caches of one encoder and settings over parts (shards) of one dataset."""
-    from fusebench.cache import CacheError
     from fusebench.cache.merge import merge_caches
 
-    try:
-        rep = merge_caches(files, out, overwrite=overwrite)
-    except CacheError as e:
-        fail(str(e))
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e), code=2)
-    except OSError as e:
-        fail(f"cannot read {e.filename or out} ({e.strerror or e}); check the paths")
+    rep = merge_caches(files, out, overwrite=overwrite)
     typer.echo(
         f"wrote {rep.path}: {rep.rows} rows ({rep.ok} ok, {rep.failed} failed) from "
         f"{rep.inputs} caches, {rep.overlap} rows in more than one"
@@ -302,6 +287,7 @@ def cache_merge(
 
 
 @data_app.command("synth")
+@one_line_errors(os_error="cannot write {path} ({reason}); pass --out a writable folder")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Folder to create (lab5 layout).")] = Path(
         "demo-data/lab5-synthetic"
@@ -313,46 +299,35 @@ def data_synth(
     """Write a SYNTHETIC lab5-layout dataset (planted text+image signal) for the offline demo."""
     from fusebench.extract.synthetic import make_synthetic_lab5
 
-    try:
-        root = make_synthetic_lab5(out, n_train=n_train, n_test=n_test, seed=seed)
-    except ValueError as e:
-        fail(str(e), code=2)
-    except OSError as e:
-        fail(f"cannot write {e.filename or out} ({e.strerror or e}); pass --out a writable folder")
+    root = make_synthetic_lab5(out, n_train=n_train, n_test=n_test, seed=seed)
     typer.echo(f"wrote synthetic dataset {root} ({n_train} train, {n_test} test) — not real data")
 
 
 @data_app.command("check")
+@one_line_errors(os_error=READ, path="data")
 def data_check(
-    data: Annotated[
-        Path,
-        typer.Option(
-            help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
-        ),
-    ],
-    data_format: Annotated[
-        str | None, typer.Option("--format", help="lab5 | mvsa | manifest")
-    ] = None,
+    data: DataOpt,
+    data_format: FormatOpt = None,
     text_encoding: TextEncodingOpt = None,
     labels: LabelsOpt = None,
     column: ColumnOpt = None,
 ) -> None:
     """Report every problem in a dataset, sample by sample (decodes every image): its
-    classes, text encodings, and each bad sample by guid."""
+    classes, text encodings, and each bad sample by guid. Exit code 1 when a sample has a
+    fatal problem (extract would fail or skip it), 0 when there are only notes."""
     from fusebench.extract.datasets import check_report, load_dataset, parse_columns, split_labels
 
-    try:
-        ds = load_dataset(
-            data,
-            data_format,
-            check_images=True,
-            text_encoding=text_encoding,
-            labels=split_labels(labels),
-            columns=parse_columns(column),
-        )
-    except (ValueError, FileNotFoundError) as e:
-        fail(" ".join(str(e).split()), code=2)
+    ds = load_dataset(
+        data,
+        data_format,
+        check_images=True,
+        text_encoding=text_encoding,
+        labels=split_labels(labels),
+        columns=parse_columns(column),
+    )
     typer.echo(check_report(ds))
+    if any(p.fatal for p in ds.problems()):  # the report names each one and its fix
+        raise typer.Exit(FAILED)
 
 
 # ---------------------------------------------------------------- stage two (fuse/)
@@ -414,7 +389,11 @@ PrintConfig = Annotated[
     ),
 ]
 Epochs = Annotated[
-    int | None, typer.Option(help="Max epochs of torch heads, >= 1 (default: the head's YAML).")
+    int | None,
+    typer.Option(
+        help="Max epochs of torch heads, >= 1 (default: the head's YAML); a cell's own "
+        "--set/--sweep train.epochs wins."
+    ),
 ]
 RunsOut = Annotated[
     Path,
@@ -423,7 +402,7 @@ RunsOut = Annotated[
     ),
 ]
 FuseDevice = Annotated[
-    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N (torch heads).")
+    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (torch heads).")
 ]
 ClassWeights = Annotated[
     bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency.")
@@ -456,37 +435,40 @@ OneAtATime = Annotated[
 ]
 
 
-def _run_stage_two(call):
-    """Calls into fuse/; an error the user can fix becomes one line on stderr: exit code 2
-    for bad input (ValueError, FileNotFoundError), 1 for an unusable cache (CacheError) or a
-    file-system fault (OSError: permissions, full disk, ...)."""
-    from fusebench.cache import CacheError
-    from fusebench.fuse._util import os_error_line
+Seeds = Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")]
+TextEncoders = Annotated[
+    str,
+    typer.Option(
+        "--text", help="Text encoders, comma-separated; 'none' = no text (e.g. minilm,bert,none)."
+    ),
+]
+ImageEncoders = Annotated[
+    str,
+    typer.Option(
+        "--image", help="Image encoders, comma-separated; 'none' = no image (e.g. vit,clip,none)."
+    ),
+]
+Sweep = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--sweep",
+        help="One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
+    ),
+]
+# stage two's commands write staged run folders: see one_line_errors
+stage_two = one_line_errors(staged=True, interrupted=STAGED)
 
-    try:
-        return call()
-    except CacheError as e:
-        fail(" ".join(str(e).split()), code=1)
-    except (ValueError, FileNotFoundError) as e:
-        fail(" ".join(str(e).split()), code=2)
-    except OSError as e:
-        fail(" ".join(os_error_line(e).split()))
 
-
-def _stage_two(
-    ctx: typer.Context,
-    command: str,
-    out: Path,
-    quiet: bool,
-    config: Path | None,
-    print_config: bool,
-    **values,
-) -> None:
+def _run_grid(ctx: typer.Context, command: str) -> None:
     """fuse and compare: settings from the flags typed, else --config, else the defaults; then
     one grid run (or, with --print-config, the resolved settings and no training)."""
+    from fusebench.fuse.distributed import agree, is_lead
     from fusebench.fuse.experiment import run_grid, settings_yaml
     from fusebench.fuse.grid import resolve_settings
 
+    values = dict(ctx.params)  # every option of the command, by parameter name
+    out, quiet = values.pop("out"), values.pop("quiet")
+    config, print_config = values.pop("config"), values.pop("print_config")
     names = {"head": "heads", "set_": "set"}  # parameter -> setting
     explicit = [
         names.get(k, k)
@@ -494,16 +476,20 @@ def _stage_two(
         if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")
     ]
     given = {names.get(k, k): v for k, v in values.items()}
-    spec = _run_stage_two(lambda: resolve_settings(command, given, explicit, config))
+    # through agree: under torchrun every rank checks alike and rank 0 alone says what failed
+    spec = agree(lambda: resolve_settings(command, given, explicit, config))
     if print_config:
-        typer.echo(_run_stage_two(lambda: settings_yaml(spec)), nl=False)
+        text = settings_yaml(spec)
+        if is_lead():  # under torchrun: once, not once per rank
+            typer.echo(text, nl=False)
         return
-    result = _run_stage_two(lambda: run_grid(spec, out=out, quiet=quiet))
+    result = run_grid(spec, out=out, quiet=quiet)
     typer.echo(result.table)
     typer.echo(f"run folder: {result.run_dir}")
 
 
 @app.command("fuse")
+@stage_two
 def fuse_cmd(
     ctx: typer.Context,
     head: Annotated[
@@ -516,9 +502,7 @@ def fuse_cmd(
     val_ratio: ValRatio = None,
     folds: Folds = None,
     split_seed: SplitSeed = 42,
-    seeds: Annotated[
-        str, typer.Option(help="Model seeds, comma-separated (each used once).")
-    ] = "42",
+    seeds: Seeds = "42",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
@@ -535,68 +519,27 @@ def fuse_cmd(
 
     A grid of one cell: the same run folder as `compare` (config.yaml, results.json/.csv,
     runs.csv, val_predictions.csv, models/, plots)."""
-    _stage_two(
-        ctx,
-        "fuse",
-        out,
-        quiet,
-        config,
-        print_config,
-        head=head,
-        features=features,
-        text=text,
-        image=image,
-        val_ratio=val_ratio,
-        folds=folds,
-        split_seed=split_seed,
-        seeds=seeds,
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
-        set_=set_,
-        allow_stale=allow_stale,
-        memory_budget=memory_budget,
-        one_at_a_time=one_at_a_time,
-    )
+    _run_grid(ctx, "fuse")
 
 
 @app.command()
+@stage_two
 def compare(
     ctx: typer.Context,
     features: Features = None,
     heads: Annotated[str, typer.Option(help=f"'all' or a comma list of: {HEAD_NAMES}.")] = "all",
-    text: Annotated[
-        str,
-        typer.Option(
-            "--text",
-            help="Text encoders, comma-separated; 'none' = no text (e.g. minilm,bert,none).",
-        ),
-    ] = "minilm",
-    image: Annotated[
-        str,
-        typer.Option(
-            "--image",
-            help="Image encoders, comma-separated; 'none' = no image (e.g. vit,clip,none).",
-        ),
-    ] = "vit",
+    text: TextEncoders = "minilm",
+    image: ImageEncoders = "vit",
     val_ratio: ValRatio = None,
     folds: Folds = None,
     split_seed: SplitSeed = 42,
-    seeds: Annotated[
-        str, typer.Option(help="Model seeds, comma-separated (each used once).")
-    ] = "42,43,44",
+    seeds: Seeds = "42,43,44",
     epochs: Epochs = None,
     out: RunsOut = Path("runs"),
     device: FuseDevice = "auto",
     class_weights: ClassWeights = False,
     set_: SetOpt = None,
-    sweep: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--sweep",
-            help="One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
-        ),
-    ] = None,
+    sweep: Sweep = None,
     allow_stale: AllowStale = False,
     memory_budget: MemoryBudget = None,
     one_at_a_time: OneAtATime = False,
@@ -617,51 +560,43 @@ def compare(
       --set cross_attn.dim=128        one head
       --set train.lr=3e-4             every head that has the key
       --sweep cross_attn.dim=128,256  one cell per value (cell id ...@dim=128)
-    A --sweep value wins over a --set of the same key.
+    A --sweep value wins over a --set of the same key, and a cell's own train.epochs /
+    train.device / train.class_weights over --epochs / --device / --class-weights.
 
     \b
     Replay: --config RUN/config.yaml reruns a run with its settings (same numbers on CPU);
     flags typed here override them. --print-config shows the resolved settings and exits."""
-    _stage_two(
-        ctx,
-        "compare",
-        out,
-        quiet,
-        config,
-        print_config,
-        features=features,
-        heads=heads,
-        text=text,
-        image=image,
-        val_ratio=val_ratio,
-        folds=folds,
-        split_seed=split_seed,
-        seeds=seeds,
-        epochs=epochs,
-        device=device,
-        class_weights=class_weights,
-        set_=set_,
-        sweep=sweep,
-        allow_stale=allow_stale,
-        memory_budget=memory_budget,
-        one_at_a_time=one_at_a_time,
-    )
+    _run_grid(ctx, "compare")
+
+
+PredictOut = Annotated[
+    Path,
+    typer.Option(
+        help=(
+            "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
+            "A row the cell has no usable features for keeps its line with an EMPTY tag (never a "
+            "stand-in class) and is named on stderr."
+        )
+    ),
+]
+PredictModel = Annotated[
+    str,
+    typer.Option(
+        help=(
+            "ensemble: every fold x seed model of the cell, probabilities averaged; refit: the cell "
+            "retrained on all labelled rows (epochs / boosting rounds = median best of its CV fits, "
+            "one model per run seed; saved under RUN/refit/ and reused); fold0: the first fit only."
+        )
+    ),
+]
 
 
 @app.command()
+@stage_two
 def predict(
     run: Annotated[Path, typer.Option(help="Run folder written by `fuse` or `compare`.")],
     split: Annotated[str, typer.Option(help="Which cache rows to label.")] = "test",
-    out: Annotated[
-        Path,
-        typer.Option(
-            help=(
-                "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
-                "A row the cell has no usable features for keeps its line with an EMPTY tag (never a "
-                "stand-in class) and is named on stderr."
-            )
-        ),
-    ] = Path("predictions.txt"),
+    out: PredictOut = Path("predictions.txt"),
     cell: Annotated[
         str | None,
         typer.Option(
@@ -671,16 +606,7 @@ def predict(
     head: Annotated[
         str | None, typer.Option(help="Pick the cell by its head, when one cell of the run has it.")
     ] = None,
-    model: Annotated[
-        str,
-        typer.Option(
-            help=(
-                "ensemble: every fold x seed model of the cell, probabilities averaged; refit: the cell "
-                "retrained on all labelled rows (epochs / boosting rounds = median best of its CV fits, "
-                "one model per run seed; saved under RUN/refit/ and reused); fold0: the first fit only."
-            )
-        ),
-    ] = "ensemble",
+    model: PredictModel = "ensemble",
     refit: Annotated[bool, typer.Option("--refit", help="Same as --model refit.")] = False,
     proba: Annotated[
         bool, typer.Option("--proba", help="Add a p_<class> column per class.")
@@ -700,40 +626,44 @@ def predict(
     from fusebench.fuse.predict import predict_run
 
     if refit and model not in ("ensemble", "refit"):
-        fail(f"--refit and --model {model} disagree; give one of them", code=2)
-    report = _run_stage_two(
-        lambda: predict_run(
-            run,
-            split=split,
-            out=out,
-            cell=cell,
-            head=head,
-            mode="refit" if refit else model,
-            proba=proba,
-            features=features,
-            device=device,
-            allow_stale=allow_stale,
-            quiet=quiet,
-        )
+        fail(f"--refit and --model {model} disagree; give one of them", code=USAGE)
+    report = predict_run(
+        run,
+        split=split,
+        out=out,
+        cell=cell,
+        head=head,
+        mode="refit" if refit else model,
+        proba=proba,
+        features=features,
+        device=device,
+        allow_stale=allow_stale,
+        quiet=quiet,
     )
     if not quiet:
-        empty = (
-            f" ({len(report.unpredicted)} with an empty tag: no usable features)"
-            if report.unpredicted
-            else ""
-        )
-        used = f"{len(report.model_dirs)} model(s)" + (
-            " (reused)" if (report.refit or {}).get("reused") else ""
-        )
-        typer.echo(
-            f"wrote {report.n_rows} predictions of cell '{report.cell}' ({report.mode}, {used}) to {report.out}{empty}"
-        )
+        _echo_prediction(report)
+
+
+def _echo_prediction(report) -> None:
+    """predict's one line: how many rows, which cell and models, where, and how many empty."""
+    empty = (
+        f" ({len(report.unpredicted)} with an empty tag: no usable features)"
+        if report.unpredicted
+        else ""
+    )
+    used = f"{len(report.model_dirs)} model(s)" + (
+        " (reused)" if (report.refit or {}).get("reused") else ""
+    )
+    typer.echo(
+        f"wrote {report.n_rows} predictions of cell '{report.cell}' ({report.mode}, {used}) to {report.out}{empty}"
+    )
 
 
 # ---------------------------------------------------------------- report
 
 
 @app.command()
+@stage_two
 def report(
     runs: Annotated[
         list[Path],
@@ -748,20 +678,17 @@ def report(
     the runs share protocol, classes and rows."""
     from fusebench.fuse.report_html import write_report
 
-    path = _run_stage_two(lambda: write_report(runs, out))
-    typer.echo(f"report: {path}")
+    typer.echo(f"report: {write_report(runs, out)}")
 
 
 # ---------------------------------------------------------------- end
 
 
 def main() -> None:
-    """The console script: runs the app, and turns what a user can cause outside a command's
-    own checks into one line — a usage error (exit 2) or a file-system fault (OSError:
-    permissions, full disk, read-only file system, a name too long ...; exit 1). Any other
-    exception is a bug and surfaces with its traceback."""
-    import sys
-
+    """The console script: runs the app; each command's errors are one line already
+    (one_line_errors). What happens outside a command becomes one line too: a usage error
+    (exit 2), a file-system fault (exit 1), Ctrl-C (exit 130). Any other exception is a bug
+    and surfaces with its traceback."""
     try:  # typer >= 0.26 vendors click as typer._click
         from typer._click import exceptions as clicks
     except ImportError:  # pragma: no cover - older typer on the real click
@@ -771,6 +698,7 @@ def main() -> None:
         typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
         sys.exit(code)
 
+    sigterm_as_ctrl_c()
     try:
         code = app(standalone_mode=False)
     except clicks.NoArgsIsHelpError as e:
@@ -778,22 +706,20 @@ def main() -> None:
         sys.exit(e.exit_code)
     except clicks.UsageError as e:
         hint = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
-        one_line(e.format_message().rstrip(". ") + hint, 2)
+        one_line(e.format_message().rstrip(". ") + hint, USAGE)
     except clicks.ClickException as e:
         one_line(e.format_message(), e.exit_code)
     except typer.Abort:
-        one_line("aborted", 1)
+        one_line("aborted", FAILED)
     except OSError as e:
         from fusebench.fuse._util import os_error_line
 
-        one_line(os_error_line(e), 1)
-    if code == INTERRUPTED and not _failed:  # Ctrl-C outside extract (which says it itself)
-        one_line(
-            "interrupted; nothing half-done was kept (a run folder is renamed into place only "
-            "when complete) — rerun the same command",
-            INTERRUPTED,
-        )
-    sys.exit(code if isinstance(code, int) else 0)
+        one_line(os_error_line(e), FAILED)
+    if (
+        code == INTERRUPTED and not failed_already()
+    ):  # Ctrl-C before a command ran (each says its own)
+        one_line(f"interrupted; {RERUN}", INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else OK)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The folds × seeds of each torch head trained together (fuse.batched) vs one at a time
-(DESIGN §9 target: >= 3x for the pooled heads on a CPU), measured in one run.
+(docs/architecture.md §9 target: >= 3x for the pooled heads on a CPU), measured in one run.
 
     .venv/bin/python benchmarks/batched_heads.py [--quick] [--device cpu|cuda] [--heads ...]
     .venv/bin/python benchmarks/batched_heads.py --features features/lab5-dev --text minilm --image vit
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusebench.cache import TokenFeatures, write_features  # noqa: E402
 from fusebench.fuse import StratifiedProtocol, batched, build_head, list_heads, load_feature_set  # noqa: E402
 from fusebench.fuse.experiment import evaluate_head  # noqa: E402
+from fusebench.fuse.head import FitsTogether  # noqa: E402
 from fusebench.fuse.registry import head_needs_tokens  # noqa: E402
 
 CLASSES = ("negative", "neutral", "positive")
@@ -112,7 +113,7 @@ def main() -> None:
             image_tokens=args.image_tokens or (16 if args.quick else 50),
             image_dim=args.image_dim or (192 if args.quick else 768),
         )
-    torch_heads = [h for h in list_heads() if build_head(h).kind == "torch"]
+    torch_heads = [h for h in list_heads() if isinstance(build_head(h), FitsTogether)]
     heads = args.heads.split(",") if args.heads else torch_heads
     # cross_attn at full size: one fit takes ~20 s here, so the quick run shrinks it
     shrink = {"cross_attn": {"dim": 32, "hidden": 32}} if args.quick else {}

@@ -1,4 +1,4 @@
-"""Loading a cache into RAM vs reading the same bytes raw (DESIGN §9 target: <= 1.5x), and what
+"""Loading a cache into RAM vs reading the same bytes raw (docs/architecture.md §9 target: <= 1.5x), and what
 compressing padded text tokens costs and saves (issue 10 item 6).
 
     .venv/bin/python benchmarks/cache_load.py [CACHE.h5]

@@ -1,5 +1,5 @@
 """Comparing heads on a cache vs training the same heads with the frozen encoders in the loop
-(the end-to-end way), both MEASURED in one run on this machine (DESIGN §9 target: >= 40x).
+(the end-to-end way), both MEASURED in one run on this machine (docs/architecture.md §9 target: >= 40x).
 
     .venv/bin/python benchmarks/compare_vs_end_to_end.py [--data DIR] [--folds 5]
         [--seeds 42,43] [--heads concat_mlp,late] [--measure 1]

@@ -1,6 +1,6 @@
 """Extraction overhead: wall time of `extract` (dataset read, image decode in workers,
 journal, HDF5 assembly, model load included) over the encoder's pure forward time on the
-same batches, measured in one run (DESIGN §9 target: <= 1.10). The loop ratio (everything
+same batches, measured in one run (docs/architecture.md §9 target: <= 1.10). The loop ratio (everything
 after the model is loaded) is the target; the ratio with startup is printed too, and the
 in-run ratio: the extract loop over the forward time inside that same extract run, which
 other processes on a shared machine slow alike (the separate pure forward runs at another
@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fusebench.extract.loop as extract_loop  # noqa: E402
+import fusebench.extract.plan as extract_loop  # noqa: E402  (where the runner builds models)
 from fusebench.extract.datasets import Sample, load_dataset  # noqa: E402
 from fusebench.extract.encoders import Encoder, create_encoder, resolve_model_path  # noqa: E402
 from fusebench.extract.loop import extract, plan_batches  # noqa: E402

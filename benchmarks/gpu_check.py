@@ -1,4 +1,4 @@
-"""The GPU check (DESIGN §12; issues 9.7 and 10.8), run by `benchmarks/gpu.sh`.
+"""The GPU check (docs/architecture.md §8; issues 9.7 and 10.8), run by `benchmarks/gpu.sh`.
 
 On a synthetic 4,000-row image+text dataset (lab5 layout, 512 px JPEGs), with real-size
 random-init encoders built from their transformers configs (no download):

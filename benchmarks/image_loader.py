@@ -1,5 +1,5 @@
 """Image loading + preprocessing, images/s per core: the fast path (extract/fastimage.py) vs
-the model's own PIL processor (DESIGN §9: >= 500 images/s per core, >= 2.5x the reference).
+the model's own PIL processor (docs/architecture.md §9: >= 500 images/s per core, >= 2.5x the reference).
 
     .venv/bin/python benchmarks/image_loader.py [--data ../shared/data/lab5-dev] [--limit 400]
         [--processor vit|clip|both] [--batch-size 32] [--repeats 3]

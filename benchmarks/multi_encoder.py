@@ -1,6 +1,6 @@
 """One pass for two encoders vs two runs: wall time of `extract --encoder vit,clip` against
 `extract --encoder vit` + `extract --encoder clip` on the same data, measured in one run
-(DESIGN §8, issue 9 item 2). Each side runs from files to finished caches (dataset read,
+(docs/architecture.md §2.2, issue 9 item 2). Each side runs from files to finished caches (dataset read,
 model load, image decode + preprocess, forward, journal, HDF5 assembly), into fresh folders;
 the best of --repeats is kept for each side, the sides alternating so load drifts hit both.
 
@@ -35,8 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from fusebench.extract.loop import extract  # noqa: E402
-from fusebench.extract.multi import extract_many  # noqa: E402
+from fusebench.extract.loop import extract, extract_many  # noqa: E402
 
 LAB5_DEV = REPO.parent / "shared" / "data" / "lab5-dev"
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789!#.,?'@"

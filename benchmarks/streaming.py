@@ -1,4 +1,4 @@
-"""Stage two on a cache larger than its memory budget (issue 10 item 4; DESIGN §9: peak RSS
+"""Stage two on a cache larger than its memory budget (issue 10 item 4; docs/architecture.md §9: peak RSS
 within the budget + model): the same token-head fit streamed with `--memory-budget 1GB` and
 with the whole cache in RAM, each in a fresh subprocess, peak RSS from the OS.
 

@@ -1,5 +1,5 @@
 """Text padding: tokens the model computes vs tokens that carry text, and the speed-up of
-length-sorted batches over padding every text to max_length (DESIGN §4, §9).
+length-sorted batches over padding every text to max_length (docs/architecture.md §4, §9).
 
     .venv/bin/python benchmarks/text_padding.py [--data ../shared/data/lab5-dev] [--encoder minilm]
 

@@ -16,9 +16,11 @@ import numpy as np
 FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
 
-# Config keys that follow the data rather than the settings: `extract` refreshes a cache that
-# differs from the data only in these (and its manifest), and `cache merge` joins caches whose
-# settings agree apart from them.
+# Config keys that say which rows a cache holds and how the data was read, not how a row was
+# computed. They are still settings: `extract` refuses a cache built with another --limit,
+# --labels, --text-encoding or --column unless --overwrite (then it copies the unchanged rows);
+# only classes or a detected encoding that changed with the files themselves is a refresh.
+# `cache merge` names them in its refusals (every one must agree but `limit`).
 DATA_KEYS = ("classes", "text_encoding", "limit", "columns")
 
 # status [N] uint8
@@ -69,6 +71,8 @@ def write_error(path: Path, e: OSError, kept: str = "") -> CacheWriteError:
     rerun = f"; then rerun the same command{kept}"
     if code in (errno_.ENOSPC, errno_.EDQUOT):
         fix = f"free space on that disk or pass --out on another one{rerun}"
+    elif code == errno_.EFBIG:  # the file system's largest file (FAT32: 4 GiB) or `ulimit -f`
+        fix = f"pass --out on a disk that holds larger files, or raise `ulimit -f`{rerun}"
     elif code in (errno_.EACCES, errno_.EPERM, errno_.EROFS):
         fix = f"pass --out a folder you can write to, or fix its permissions{rerun}"
     elif code == errno_.ENAMETOOLONG:

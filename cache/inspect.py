@@ -13,9 +13,43 @@ from fusebench.cache.format import FAILED, OK, TODO, CacheError
 from fusebench.cache.reader import decode_attr, is_true, missing_parts, read_header, reading
 from fusebench.cache.writer import temp_path
 
+HEADER_KEYS = (
+    "fusebench_format",
+    "encoder",
+    "model",
+    "model_revision",
+    "weights",
+    "dataset",
+    "data_path",
+    "created",
+)
+
 
 def describe(path: str | Path, *, max_errors: int = 20) -> str:
-    path = Path(path)
+    path = _locate(Path(path))
+    with reading(path) as f:
+        problems: list[str] = []
+        lines = _header_lines(f, path, problems)
+        lines.append(_rows_line(f, problems))
+
+        def visit(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and name.split("/")[0] in ("text", "image"):
+                how = obj.attrs.get("pooling")
+                extra = f"  pooling={decode_attr(how)}" if how is not None else ""
+                lines.append(f"  {name:<20} {list(obj.shape)} {obj.dtype}{extra}")
+
+        f.visititems(visit)
+        lines += _error_lines(f, problems, max_errors)
+        if missing := missing_parts(f):
+            problems.append(f"missing: {', '.join(missing)}")
+        for p in problems:
+            lines.append(f"  PROBLEM          {p}")
+    return "\n".join(lines)
+
+
+def _locate(path: Path) -> Path:
+    """The cache file to describe (its .tmp while unfinished); a missing file, a dangling
+    link or a folder is an error naming it."""
     if not path.exists() and not path.is_symlink() and temp_path(path).exists():
         path = temp_path(path)
     if not path.exists():
@@ -28,61 +62,50 @@ def describe(path: str | Path, *, max_errors: int = 20) -> str:
         inside = sorted(p.name for p in path.glob("*.h5"))
         hint = f" (it holds {', '.join(inside)})" if inside else ""
         raise CacheError(f"{path} is a folder, not a cache file; pass one .h5 file{hint}")
-    with reading(path) as f:
-        problems: list[str] = []
-        try:
-            a, config, _ = read_header(f, path)
-        except CacheError as e:
-            a, config = {k: decode_attr(v) for k, v in f.attrs.items()}, {}
-            problems.append(str(e))
-        lines = [f"{path}  ({path.stat().st_size / 2**20:.1f} MiB)"]
-        for key in (
-            "fusebench_format",
-            "encoder",
-            "model",
-            "model_revision",
-            "weights",
-            "dataset",
-            "data_path",
-            "created",
-        ):
-            lines.append(f"  {key:<16} {a.get(key, '')}")
-        lines.append(f"  {'complete':<16} {is_true(a.get('complete'))}")
-        lines.append(f"  {'versions':<16} {a.get('versions', '{}')}")
-        lines.append(f"  {'fingerprint':<16} {str(a.get('fingerprint', ''))[:16]}…")
-        lines.append(f"  {'config':<16} {json.dumps(config, sort_keys=True)}")
-        lines.append(f"  {'integrity':<16} {_integrity(f)}")
-        n = len(f["guid"]) if "guid" in f else 0
-        status = _read(f, "status", problems)
-        status = np.zeros(0, np.uint8) if status is None else status
-        split = _read(f, "split", problems)
-        splits = Counter(split.tolist()) if split is not None else Counter()
-        lines.append(
-            f"  rows             {n} ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}); "
-            f"status: {(status == OK).sum()} ok, {(status == FAILED).sum()} failed, "
-            f"{(status == TODO).sum()} todo"
-        )
+    return path
 
-        def visit(name: str, obj: object) -> None:
-            if isinstance(obj, h5py.Dataset) and name.split("/")[0] in ("text", "image"):
-                how = obj.attrs.get("pooling")
-                extra = f"  pooling={decode_attr(how)}" if how is not None else ""
-                lines.append(f"  {name:<20} {list(obj.shape)} {obj.dtype}{extra}")
 
-        f.visititems(visit)
-        if "errors" in f and "guid" in f["errors"] and len(f["errors/guid"]):
-            cols = [_read(f, f"errors/{c}", problems) for c in ("guid", "stage", "message")]
-            rows = list(zip(*cols)) if all(c is not None for c in cols) else []
-            lines.append(f"  error log: {len(rows)} entries")
-            for guid, stage, msg in rows[:max_errors]:
-                lines.append(f"    {guid}  {stage}  {msg}")
-            if len(rows) > max_errors:
-                lines.append(f"    ... {len(rows) - max_errors} more")
-        if missing := missing_parts(f):
-            problems.append(f"missing: {', '.join(missing)}")
-        for p in problems:
-            lines.append(f"  PROBLEM          {p}")
-    return "\n".join(lines)
+def _header_lines(f: h5py.File, path: Path, problems: list[str]) -> list[str]:
+    try:
+        a, config, _ = read_header(f, path)
+    except CacheError as e:
+        a, config = {k: decode_attr(v) for k, v in f.attrs.items()}, {}
+        problems.append(str(e))
+    lines = [f"{path}  ({path.stat().st_size / 2**20:.1f} MiB)"]
+    for key in HEADER_KEYS:
+        lines.append(f"  {key:<16} {a.get(key, '')}")
+    lines.append(f"  {'complete':<16} {is_true(a.get('complete'))}")
+    lines.append(f"  {'versions':<16} {a.get('versions', '{}')}")
+    lines.append(f"  {'fingerprint':<16} {str(a.get('fingerprint', ''))[:16]}…")
+    lines.append(f"  {'config':<16} {json.dumps(config, sort_keys=True)}")
+    lines.append(f"  {'integrity':<16} {_integrity(f)}")
+    return lines
+
+
+def _rows_line(f: h5py.File, problems: list[str]) -> str:
+    n = len(f["guid"]) if "guid" in f else 0
+    status = _read(f, "status", problems)
+    status = np.zeros(0, np.uint8) if status is None else status
+    split = _read(f, "split", problems)
+    splits = Counter(split.tolist()) if split is not None else Counter()
+    return (
+        f"  rows             {n} ({', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}); "
+        f"status: {(status == OK).sum()} ok, {(status == FAILED).sum()} failed, "
+        f"{(status == TODO).sum()} todo"
+    )
+
+
+def _error_lines(f: h5py.File, problems: list[str], max_errors: int) -> list[str]:
+    if not ("errors" in f and "guid" in f["errors"] and len(f["errors/guid"])):
+        return []
+    cols = [_read(f, f"errors/{c}", problems) for c in ("guid", "stage", "message")]
+    rows = list(zip(*cols)) if all(c is not None for c in cols) else []
+    lines = [f"  error log: {len(rows)} entries"]
+    for guid, stage, msg in rows[:max_errors]:
+        lines.append(f"    {guid}  {stage}  {msg}")
+    if len(rows) > max_errors:
+        lines.append(f"    ... {len(rows) - max_errors} more")
+    return lines
 
 
 def _integrity(f: h5py.File) -> str:

@@ -42,6 +42,8 @@ import os
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -132,20 +134,27 @@ def digest(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def dataset_digest(ds: h5py.Dataset, path: Path) -> str:
-    """`digest` of a stored dataset, read in chunk-aligned blocks (never all of it at once)."""
+def dataset_digest(
+    ds: h5py.Dataset, path: Path, hold: Callable[[], AbstractContextManager] = nullcontext
+) -> str:
+    """`digest` of a stored dataset, read in chunk-aligned blocks (never all of it at once).
+    Each read runs inside `hold()` (the cache writer holds Ctrl-C there: cache/writer.py
+    signals_held), so a long digest still stops between blocks."""
     name = ds.name.lstrip("/")
     try:
-        if ds.dtype.kind in "OS" or ds.shape == ():
-            return digest(np.asarray(ds.asstr()[()] if ds.dtype.kind in "OS" else ds[()]))
+        with hold():
+            kind, shape = ds.dtype.kind, ds.shape
+            if kind in "OS" or shape == ():
+                return digest(np.asarray(ds.asstr()[()] if kind in "OS" else ds[()]))
+            step, dtype = _block_rows(ds), ds.dtype
         h = hashlib.sha256()
-        step = _block_rows(ds)
-        buf = np.empty((step, *ds.shape[1:]), dtype=ds.dtype)
-        for start in range(0, ds.shape[0], step):
-            stop = min(ds.shape[0], start + step)
+        buf = np.empty((step, *shape[1:]), dtype=dtype)
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
             view = buf[: stop - start]
             if view.size:
-                ds.read_direct(view, source_sel=np.s_[start:stop])
+                with hold():
+                    ds.read_direct(view, source_sel=np.s_[start:stop])
             h.update(view.data)
         return h.hexdigest()
     except OSError as e:
@@ -256,6 +265,127 @@ def read_rows(ds: h5py.Dataset, rows, path: Path | None = None) -> np.ndarray:
     return out
 
 
+Chunk = tuple[int, int, int]  # (chunk index, file offset, stored size)
+
+
+@dataclass(frozen=True)
+class _ChunkGrid:
+    """Where chunk k of a dataset lands in the result: chunk k (row-major over the chunk grid)
+    is bytes k*chunk_bytes.. of it, whole rows or slabs of one row (`_raw_codec` checks they
+    tile it)."""
+
+    rows_per_chunk: int
+    slab: int  # tokens per chunk of a slab-chunked row; 0: whole rows
+    per_row: int  # chunks per row (1: whole rows)
+    chunk_bytes: int
+    row_bytes: int
+    n_chunks: int
+
+    @classmethod
+    def of(cls, ds: h5py.Dataset) -> _ChunkGrid:
+        rows_per_chunk, slab = ds.chunks[0], (ds.chunks[1] if ds.ndim >= 3 else 0)
+        per_row = ds.shape[1] // slab if slab else 1
+        item_bytes = int(np.prod(ds.chunks[1:], dtype=np.int64)) * ds.dtype.itemsize
+        n_chunks = -(-ds.shape[0] // rows_per_chunk) * per_row
+        return cls(
+            rows_per_chunk,
+            slab,
+            per_row,
+            rows_per_chunk * item_bytes,
+            item_bytes * per_row,
+            n_chunks,
+        )
+
+    def stored(self, ds: h5py.Dataset) -> tuple[list[Chunk], set[int]]:
+        """The chunks in the file, and those the compressor left as they were (lzf gives up
+        on noise)."""
+        chunks: list[Chunk] = []
+        plain: set[int] = set()
+
+        def visit(info) -> None:
+            at = info.chunk_offset
+            k = at[0] // self.rows_per_chunk * self.per_row + (
+                at[1] // self.slab if self.slab else 0
+            )
+            chunks.append((k, info.byte_offset, info.size))
+            if info.filter_mask:
+                plain.add(k)
+
+        ds.id.chunk_iter(visit)
+        return chunks, plain
+
+    def buffer(self, ds: h5py.Dataset, chunks: list[Chunk]) -> np.ndarray:
+        """The result's bytes, chunks never written already set to the fill value. The edge
+        chunk is stored whole. Fresh zeroed pages cost no more than np.empty's."""
+        zero = not np.asarray(ds.fillvalue, dtype=ds.dtype).tobytes().strip(b"\0")  # all bits 0
+        flat = (np.zeros if zero else np.empty)(self.n_chunks * self.chunk_bytes, dtype=np.uint8)
+        if not zero:
+            missing = np.ones(self.n_chunks, dtype=bool)
+            for k, _, _ in chunks:
+                missing[k] = False
+            for i in np.flatnonzero(missing):  # never written: read as the fill value
+                region = flat[i * self.chunk_bytes : (i + 1) * self.chunk_bytes].view(ds.dtype)
+                region[...] = ds.fillvalue
+        return flat
+
+
+@dataclass
+class _ChunkLoader:
+    """Reads runs of chunks from `fd` into `flat`, checking each one's fletcher32; returns
+    the chunks that failed (HDF5 then reads them again)."""
+
+    fd: int
+    flat: np.ndarray
+    chunk_bytes: int
+    check: Callable[[int, int], int]
+    decode: Callable[[np.ndarray, memoryview], bool] | None
+    plain: set[int]
+
+    def __post_init__(self) -> None:
+        self.tails = np.empty(len(self.flat) // self.chunk_bytes, dtype="<u4")  # stored checksums
+        self.data, self.tail = memoryview(self.flat), memoryview(self.tails.view(np.uint8))
+        self.base = self.flat.ctypes.data
+
+    def load(self, run: list[Chunk]) -> list[int]:
+        """One preadv for chunks stored back to back, then each one's checksum."""
+        index, cb = [k for k, _, _ in run], self.chunk_bytes
+        iov = []
+        for i in index:
+            iov += [self.data[i * cb : (i + 1) * cb], self.tail[4 * i : 4 * i + 4]]
+        if os.preadv(self.fd, iov, run[0][1]) != len(run) * (cb + 4):
+            return index  # short read: let HDF5 read these
+        return [i for i in index if self.check(self.base + i * cb, cb) != self.tails[i]]
+
+    def load_compressed(self, run: list[Chunk]) -> list[int]:
+        """One pread for chunks stored back to back; each one's checksum, then decompressed."""
+        first, end = run[0][1], run[-1][1] + run[-1][2]
+        stored = np.empty(end - first, dtype=np.uint8)
+        if os.preadv(self.fd, [memoryview(stored)], first) != len(stored):
+            return [k for k, _, _ in run]
+        return [i for i, offset, size in run if not self._unpack(stored, i, offset - first, size)]
+
+    def _unpack(self, stored: np.ndarray, i: int, pos: int, size: int) -> bool:
+        """Chunk i, at stored[pos:pos+size]: checksum checked, then into the result."""
+        body = size - 4
+        want = int.from_bytes(stored[pos + body : pos + size].tobytes(), "little")
+        dest = self.data[i * self.chunk_bytes : (i + 1) * self.chunk_bytes]
+        if body <= 0 or self.check(stored.ctypes.data + pos, body) != want:
+            return False
+        if i in self.plain:  # stored as is
+            if body != self.chunk_bytes:
+                return False
+            dest[:] = stored[pos : pos + body].data
+            return True
+        return bool(self.decode(stored[pos : pos + body], dest))
+
+    def load_all(self, runs: list[list[Chunk]]) -> list[int]:
+        work = self.load if self.decode is None else self.load_compressed
+        if len(self.flat) < RUN_BYTES:  # small: threads would cost more than they save
+            return [i for run in runs for i in work(run)]
+        with ThreadPoolExecutor(max_workers=_threads()) as pool:
+            return [i for found in pool.map(work, runs) for i in found]
+
+
 def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
     """Chunks read from the file straight into the result, fletcher32 checked per chunk on
     threads (compressed chunks: checked, then decompressed into the result on the same threads).
@@ -265,90 +395,24 @@ def _read_chunks_raw(ds: h5py.Dataset, path: Path) -> np.ndarray | None:
     decode = _decoder(codec) if codec else None
     if check is None or codec is None or (codec and decode is None):
         return None
-    # Chunk k (row-major over the chunk grid) is bytes k*chunk_bytes.. of the result: whole
-    # rows, or slabs of one row (`_raw_codec` checks they tile it).
-    rows_per_chunk, slab = ds.chunks[0], (ds.chunks[1] if ds.ndim >= 3 else 0)
-    per_row = ds.shape[1] // slab if slab else 1  # chunks per row (1: whole rows)
-    item_bytes = int(np.prod(ds.chunks[1:], dtype=np.int64)) * ds.dtype.itemsize
-    row_bytes = item_bytes * per_row
-    chunk_bytes = rows_per_chunk * item_bytes
-    n_chunks = -(-ds.shape[0] // rows_per_chunk) * per_row
-    chunks: list[tuple[int, int, int]] = []  # (chunk index, file offset, stored size)
-    plain: set[int] = set()  # chunks the compressor left as they were (lzf gives up on noise)
-
-    def visit(info) -> None:
-        at = info.chunk_offset
-        k = at[0] // rows_per_chunk * per_row + (at[1] // slab if slab else 0)
-        chunks.append((k, info.byte_offset, info.size))
-        if info.filter_mask:
-            plain.add(k)
-
-    ds.id.chunk_iter(visit)
-    if not codec and (plain or any(size != chunk_bytes + 4 for _, _, size in chunks)):
+    grid = _ChunkGrid.of(ds)
+    chunks, plain = grid.stored(ds)
+    if not codec and (plain or any(size != grid.chunk_bytes + 4 for _, _, size in chunks)):
         return None
-    missing = np.ones(n_chunks, dtype=bool)
-    for k, _, _ in chunks:
-        missing[k] = False
-    zero = not np.asarray(ds.fillvalue, dtype=ds.dtype).tobytes().strip(b"\0")  # all bits 0
-    # The edge chunk is stored whole. Fresh zeroed pages cost no more than np.empty's.
-    flat = (np.zeros if zero else np.empty)(n_chunks * chunk_bytes, dtype=np.uint8)
-    for i in [] if zero else np.flatnonzero(missing):  # never written: read as the fill value
-        region = flat[i * chunk_bytes : (i + 1) * chunk_bytes].view(ds.dtype)
-        region[...] = ds.fillvalue
-    tails = np.empty(n_chunks, dtype="<u4")  # each chunk's stored checksum
-    data, tail, base = memoryview(flat), memoryview(tails.view(np.uint8)), flat.ctypes.data
-
-    def load(run: list[tuple[int, int, int]]) -> list[int]:
-        """One preadv for chunks stored back to back, then each one's checksum."""
-        index = [k for k, _, _ in run]
-        iov = []
-        for i in index:
-            iov += [data[i * chunk_bytes : (i + 1) * chunk_bytes], tail[4 * i : 4 * i + 4]]
-        if os.preadv(fd, iov, run[0][1]) != len(run) * (chunk_bytes + 4):
-            return index  # short read: let HDF5 read these
-        return [i for i in index if check(base + i * chunk_bytes, chunk_bytes) != tails[i]]
-
-    def load_compressed(run: list[tuple[int, int, int]]) -> list[int]:
-        """One pread for chunks stored back to back; each one's checksum, then decompressed."""
-        first, end = run[0][1], run[-1][1] + run[-1][2]
-        stored = np.empty(end - first, dtype=np.uint8)
-        if os.preadv(fd, [memoryview(stored)], first) != len(stored):
-            return [k for k, _, _ in run]
-        bad, at = [], stored.ctypes.data
-        for i, offset, size in run:
-            pos = offset - first
-            body = size - 4
-            want = int.from_bytes(stored[pos + body : pos + size].tobytes(), "little")
-            dest = data[i * chunk_bytes : (i + 1) * chunk_bytes]
-            if body <= 0 or check(at + pos, body) != want:
-                bad.append(i)
-            elif i in plain:  # stored as is
-                if body != chunk_bytes:
-                    bad.append(i)
-                else:
-                    dest[:] = stored[pos : pos + body].data
-            elif not decode(stored[pos : pos + body], dest):
-                bad.append(i)
-        return bad
-
+    flat = grid.buffer(ds, chunks)
     try:  # the very file HDF5 has open (a path could name a newer file by now)
         fd = os.dup(ds.file.id.get_vfd_handle())
     except (OSError, ValueError, TypeError, AttributeError):
         return None
     try:
-        runs = _runs(chunks, chunk_bytes)
-        work = load_compressed if codec else load
-        if len(flat) < RUN_BYTES:  # small: threads would cost more than they save
-            bad = [i for run in runs for i in work(run)]
-        else:
-            with ThreadPoolExecutor(max_workers=_threads()) as pool:
-                bad = [i for found in pool.map(work, runs) for i in found]
+        loader = _ChunkLoader(fd, flat, grid.chunk_bytes, check, decode, plain)
+        bad = loader.load_all(_runs(chunks, grid.chunk_bytes))
     finally:
         os.close(fd)
-    out = flat[: ds.shape[0] * row_bytes].view(ds.dtype).reshape(ds.shape)
+    out = flat[: ds.shape[0] * grid.row_bytes].view(ds.dtype).reshape(ds.shape)
     for i in bad:  # let HDF5 decide: it raises on a real mismatch (-> DamagedCacheError)
-        first = i // per_row * rows_per_chunk  # HDF5 reads the chunk's rows again
-        rows = slice(first, min(ds.shape[0], first + rows_per_chunk))
+        first = i // grid.per_row * grid.rows_per_chunk  # HDF5 reads the chunk's rows again
+        rows = slice(first, min(ds.shape[0], first + grid.rows_per_chunk))
         out[rows] = ds[rows]
     return out
 

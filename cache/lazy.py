@@ -28,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from fusebench.cache.integrity import damaged, read_rows
+from fusebench.cache.opening import open_h5
 
 BLOCK_BYTES = 8 << 20  # target bytes of one block
 MAX_BLOCK_ROWS = 128  # a batch of 64 drawn from a buffer of 4 blocks touches >= 1/8 of each
@@ -183,8 +184,6 @@ class LazyRows:
 
     def _dataset(self) -> h5py.Dataset:
         if self._file is None:
-            from fusebench.cache.reader import open_h5
-
             self._file = open_h5(self.path)
         return self._file[self.name]
 

@@ -5,9 +5,12 @@
 The inputs are caches of ONE dataset (shards, a dataset extracted in parts with --limit or from
 part manifests), possibly overlapping. What is checked, before anything is written:
 - each input is a complete, undamaged cache (FeatureStore.open: fingerprint, digests);
-- the settings are equal: the config without its data keys (DATA_KEYS), and the dataset name;
-  the data keys must agree too, except `limit` (the output's is None when any input covers its
-  whole dataset, else the largest: the union of --limit prefixes is the longest prefix);
+- the settings are equal: the config without its data keys (DATA_KEYS), and the dataset's
+  folder (the folder its manifest or files are in: part manifests beside each other, or
+  copies of one dataset folder on several machines); the model's path may differ when its
+  revision (the hash of its weight and tokenizer files) is the same; the data keys must agree
+  too, except `limit` (the output's is None when any input covers its whole dataset, else the
+  largest: the union of --limit prefixes is the longest prefix);
 - the layout is equal: modalities, pooled vectors (names, sizes, pooling), token widths;
 - a guid in several inputs is the same sample (same manifest entry: split, label, content
   hashes) with the same features (bytes) wherever it is ok in both.
@@ -28,6 +31,7 @@ CacheWriter (temporary name, fletcher32, digests, atomic rename) under `exclusiv
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,27 +76,12 @@ def merge_caches(
     paths = [Path(p) for p in inputs]
     out = Path(out)
     _check_paths(paths, out, overwrite)
-    stores = [FeatureStore.open(p, tokens=False) for p in paths]
+    stores, layouts = _open_inputs(paths)
     first = stores[0]
-    for s in stores[1:]:
-        _check_same_settings(first, s)
-    layouts = [_layout(s) for s in stores]
-    for s, layout in zip(stores[1:], layouts[1:]):
-        _check_same_layout(first, layouts[0], s, layout)
-
     rows = _union(stores)  # [(key, [(input, row), ...])] in output order
     picks = [_pick(stores, where) for _, where in rows]
     _check_overlaps(stores, rows)
-
-    config = dict(first.config)
-    limits = [s.config.get("limit") for s in stores]
-    config["limit"] = None if None in limits else max(limits)
-    manifest = [_entry(stores[i], r) for i, r in picks]
-    attrs = {k: v for k, v in first.attrs.items() if k not in OWN_ATTRS}
-    attrs["merged_from"] = [
-        {"path": str(s.path), "fingerprint": str(s.attrs.get("fingerprint", "")), "rows": len(s)}
-        for s in stores
-    ]
+    config, manifest, attrs = _merged_header(stores, picks)
     sources = merge_sources([s.sources for s in stores])
     status = np.array([stores[i].status[r] for i, r in picks], dtype=np.uint8)
 
@@ -107,6 +96,7 @@ def merge_caches(
             config=config,
             attrs=attrs,
             sources=sources,
+            kept="",  # nothing to resume: a rerun merges again
         )
         try:
             for modality in MODALITIES:
@@ -126,6 +116,38 @@ def merge_caches(
         inputs=len(stores),
         overlap=sum(len(where) > 1 for _, where in rows),
     )
+
+
+def _open_inputs(paths: list[Path]) -> tuple[list[FeatureStore], list[dict]]:
+    """The input caches (without token arrays) and their layouts, refused unless every one
+    has the first one's settings and layout."""
+    stores = [FeatureStore.open(p, tokens=False) for p in paths]
+    first = stores[0]
+    for s in stores[1:]:
+        _check_same_settings(first, s)
+    layouts = [_layout(s) for s in stores]
+    for s, layout in zip(stores[1:], layouts[1:]):
+        _check_same_layout(first, layouts[0], s, layout)
+    return stores, layouts
+
+
+def _merged_header(
+    stores: list[FeatureStore], picks: list[tuple[int, int]]
+) -> tuple[dict, list[dict], dict]:
+    """The merged cache's config (limit: the largest, None if any input had none), manifest
+    and root attributes (the first input's, its own ones replaced, merged_from added)."""
+    first = stores[0]
+    config = dict(first.config)
+    limits = [s.config.get("limit") for s in stores]
+    config["limit"] = None if None in limits else max(limits)
+    manifest = [_entry(stores[i], r) for i, r in picks]
+    attrs = {k: v for k, v in first.attrs.items() if k not in OWN_ATTRS}
+    _merged_identity(attrs, stores, config["limit"])
+    attrs["merged_from"] = [
+        {"path": str(s.path), "fingerprint": str(s.attrs.get("fingerprint", "")), "rows": len(s)}
+        for s in stores
+    ]
+    return config, manifest, attrs
 
 
 # ------------------------------------------------------------------------------ checks
@@ -157,8 +179,11 @@ def _differs(a: FeatureStore, b: FeatureStore, what: str, va, vb, fix: str) -> M
 
 def _check_same_settings(a: FeatureStore, b: FeatureStore) -> None:
     fix = "merge caches extracted with one encoder and the same settings"
+    same_weights = a.config.get("model_revision") and canonical_json(
+        a.config.get("model_revision")
+    ) == canonical_json(b.config.get("model_revision"))
     for key in sorted(set(a.config) | set(b.config)):
-        if key == "limit":
+        if key == "limit" or (key == "model" and same_weights):  # one model, two paths
             continue
         va, vb = a.config.get(key, "<absent>"), b.config.get(key, "<absent>")
         if canonical_json(va) != canonical_json(vb):
@@ -167,10 +192,12 @@ def _check_same_settings(a: FeatureStore, b: FeatureStore) -> None:
             elif key in DATA_KEYS:
                 fix = "merge parts of one dataset, read with the same options"
             raise _differs(a, b, f"config '{key}'", va, vb, fix)
-    for key in ("encoder", "dataset"):
-        va, vb = a.attrs.get(key, "<absent>"), b.attrs.get(key, "<absent>")
-        if va != vb:
-            raise _differs(a, b, key, va, vb, "merge caches of one encoder and one dataset")
+    va, vb = a.attrs.get("encoder", "<absent>"), b.attrs.get("encoder", "<absent>")
+    if va != vb:
+        raise _differs(a, b, "encoder", va, vb, "merge caches of one encoder and one dataset")
+    va, vb = _dataset_folder(a), _dataset_folder(b)
+    if va != vb:
+        raise _differs(a, b, "the dataset", va, vb, "merge caches of one encoder and one dataset")
     if a.classes != b.classes:
         raise _differs(
             a,
@@ -180,6 +207,36 @@ def _check_same_settings(a: FeatureStore, b: FeatureStore) -> None:
             b.classes,
             "extract every part with the same --labels so their classes agree",
         )
+
+
+def _dataset_folder(s: FeatureStore) -> str:
+    """The name of the folder a cache's dataset is in (what a dataset was named after before
+    manifest files were named by their stem): parts of one dataset share it."""
+    root = (s.sources or {}).get("root") if isinstance(s.sources, dict) else None
+    if root:
+        return Path(str(root)).name
+    return str(s.attrs.get("dataset", "<absent>"))
+
+
+def _merged_identity(attrs: dict, stores: list[FeatureStore], limit: int | None) -> None:
+    """The output's dataset name, data path and data options: the first input's when every
+    input has them, else the folder the inputs' data is in (parts of a dataset read from
+    several manifests are none of them)."""
+    paths = {str(s.attrs.get("data_path", "")) for s in stores}
+    if len(paths) > 1:
+        roots = {str((s.sources or {}).get("root", "")) for s in stores}
+        attrs["dataset"] = _dataset_folder(stores[0])
+        if len(roots) == 1 and "" not in roots:
+            attrs["data_path"] = roots.pop()
+        else:
+            attrs.pop("data_path", None)
+    request = attrs.get("request")
+    try:
+        request = json.loads(request) if isinstance(request, str) else request
+    except ValueError:
+        request = None
+    if isinstance(request, dict):
+        attrs["request"] = request | {"limit": limit}
 
 
 def _layout(s: FeatureStore) -> dict[str, dict | None]:

@@ -7,9 +7,8 @@ in cache/integrity.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from fusebench.cache.integrity import (
     stored_digests,
 )
 from fusebench.cache.lazy import BlockCache, LazyRows
+from fusebench.cache.opening import open_h5, reading  # noqa: F401  (re-exported)
 from fusebench.cache.writer import temp_path
 
 LAZY_DEFAULT_BYTES = 256 << 20  # block cache of a store opened with `stream` but no cache
@@ -100,30 +100,16 @@ class FeatureStore:
             attrs, stored_config, stored_manifest = read_header(f, path)
             check_fingerprint(path, attrs, stored_config, stored_manifest, config, manifest)
             digests = stored_digests(f, path)
-            if digests is not None and ATTRS in digests and digests[ATTRS] != attrs_digest(f):
-                raise DamagedCacheError(
-                    f"{path} is damaged: its attributes (classes, pooling, settings) differ from "
-                    f"the digest stored when it was written; {fix_line(path)}"
-                )
-
-            def small(name: str) -> np.ndarray:
-                a = read_dataset(f[name], path)
-                check_digest(path, name, a, digests)
-                return a
-
-            small("manifest")  # parsed by read_header; its bytes are checked here
-            guid, split, label, status = (small(k) for k in ("guid", "split", "label", "status"))
-            check_rows(path, stored_manifest, guid, split, label, status)
-            errors = []
-            if "errors" in f:
-                cols = [small(f"errors/{c}") for c in ("guid", "stage", "message")]
-                errors = list(zip(*cols))
-            sources = None
-            if "sources" in f:
-                sources = _json(path, "sources", str(small("sources")[()]))
+            _check_attrs_digest(f, path, digests)
+            rows = _read_small(f, path, digests, stored_manifest)
             feats = {
                 m: _read_modality(
-                    f[m], path, tokens, digests, len(guid), block_cache if m in stream else None
+                    f[m],
+                    path,
+                    tokens,
+                    digests,
+                    len(rows["guid"]),
+                    block_cache if m in stream else None,
                 )
                 for m in modalities
                 if m in f
@@ -133,15 +119,10 @@ class FeatureStore:
                 attrs=attrs,
                 config=stored_config,
                 manifest=stored_manifest,
-                guid=guid,
-                split=split,
-                label=label,
                 classes=[str(c) for c in decode_attr(f["label"].attrs["classes"])],
-                status=status,
-                errors=errors,
                 text=feats.get("text"),
                 image=feats.get("image"),
-                sources=sources,
+                **rows,
             )
 
     def ok(self) -> np.ndarray:
@@ -152,53 +133,36 @@ class FeatureStore:
         return self.status == FAILED
 
 
-def open_h5(path: Path) -> h5py.File:
-    """h5py.File(path, "r"), or one CacheError line saying why the file cannot be opened."""
-    try:
-        return h5py.File(path, "r")
-    except OSError as e:
-        raise CacheError(_unopenable(path, e)) from None
-
-
-@contextlib.contextmanager
-def reading(path: Path) -> Iterator[h5py.File]:
-    """open_h5 for a `with` block in which any h5py error (a damaged object header, a chunk
-    whose checksum fails) becomes one DamagedCacheError line naming the file."""
-    f = open_h5(path)
-    try:
-        yield f
-    except CacheError:
-        raise
-    except (OSError, RuntimeError, KeyError) as e:
-        text = " ".join(str(e).strip("'\"").split())
-        if isinstance(e, KeyError) and "Unable to" not in text:
-            raise  # a lookup bug, not damage
+def _check_attrs_digest(f: h5py.File, path: Path, digests: dict[str, str] | None) -> None:
+    if digests is not None and ATTRS in digests and digests[ATTRS] != attrs_digest(f):
         raise DamagedCacheError(
-            f"{path} is damaged: HDF5 cannot read part of it ({text}); {fix_line(path)}"
-        ) from None
-    finally:
-        with contextlib.suppress(Exception):
-            f.close()
-
-
-def _unopenable(path: Path, e: OSError) -> str:
-    text = " ".join(str(e).split())
-    if "signature" in text:
-        return f"{path} is not an HDF5 file (a fusebench cache is written by `fusebench extract`)"
-    if "truncated" in text:
-        return f"{path} is truncated (a copy or a download stopped part-way); copy it again or {fix_line(path)}"
-    if "lock" in text:
-        return f"{path} is open for writing by another process; rerun once it has finished"
-    if "already open for write" in text:
-        return (
-            f"{path} is marked open for writing (by a running process, or one that stopped "
-            f"mid-write); wait for it to finish, or {fix_line(path)}"
+            f"{path} is damaged: its attributes (classes, pooling, settings) differ from "
+            f"the digest stored when it was written; {fix_line(path)}"
         )
-    if "checksum" in text or "object header" in text:
-        return f"{path} is damaged: HDF5 cannot read its metadata ({text}); {fix_line(path)}"
-    if "ermission" in text or getattr(e, "errno", None) == 13:
-        return f"{path} cannot be read (permission denied); fix its permissions"
-    return f"{path} is not a readable HDF5 file ({text}); {fix_line(path)}"
+
+
+def _read_small(
+    f: h5py.File, path: Path, digests: dict[str, str] | None, stored_manifest: list[dict]
+) -> dict:
+    """The small arrays of a cache, digests checked, as FeatureStore fields: guid, split,
+    label, status (checked against the manifest), errors, sources."""
+
+    def small(name: str) -> np.ndarray:
+        a = read_dataset(f[name], path)
+        check_digest(path, name, a, digests)
+        return a
+
+    small("manifest")  # parsed by read_header; its bytes are checked here
+    guid, split, label, status = (small(k) for k in ("guid", "split", "label", "status"))
+    check_rows(path, stored_manifest, guid, split, label, status)
+    errors = []
+    if "errors" in f:
+        cols = [small(f"errors/{c}") for c in ("guid", "stage", "message")]
+        errors = list(zip(*cols))
+    sources = None
+    if "sources" in f:
+        sources = _json(path, "sources", str(small("sources")[()]))
+    return dict(guid=guid, split=split, label=label, status=status, errors=errors, sources=sources)
 
 
 def read_header(f: h5py.File, path: Path | None = None) -> tuple[dict, dict, list[dict]]:

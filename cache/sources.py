@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shlex
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import h5py
 from fusebench.cache.format import CacheError, canonical_json, write_error
 from fusebench.cache.integrity import dataset_digest, stored_digests
 
@@ -134,17 +135,64 @@ def ensure_fresh(store: FeatureStore) -> None:
     shown = "; ".join(changes[:SHOWN]) + (
         f" (+{len(changes) - SHOWN} more)" if len(changes) > SHOWN else ""
     )
-    out = store.path.parent.parent
-    command = f"fusebench extract --encoder {store.encoder} --data {data} --out {out}"
-    for option in ("model", "layer"):
-        if store.config.get(option) is not None:
-            command += f" --{option} {store.config[option]}"
+    command = extract_command(store, data)
     raise StaleCacheError(
         f"{store.path} is stale: its data at {root} changed since extraction ({shown}); rerun "
-        f"`{command}` with any other options that built it (it reuses every unchanged row), "
-        "or pass --allow-stale to use the old features anyway",
+        f"`{command}` (it reuses every unchanged row), or pass --allow-stale to use the old "
+        "features anyway",
         changes,
     )
+
+
+def extract_command(store: FeatureStore, data: str | None = None) -> str:
+    """The `fusebench extract` command that rebuilds `store` in place from its data: every
+    option that built it (the ones left out are the defaults), so the command refreshes it
+    rather than being refused as another setting."""
+    cfg, attrs = store.config, store.attrs
+    data = data or attrs.get("data_path") or (store.sources or {}).get("root", "")
+    request = attrs.get("request")
+    try:
+        request = json.loads(request) if isinstance(request, (str, bytes)) else request
+    except ValueError:
+        request = None
+    request = request if isinstance(request, dict) else {}
+    if cfg.get("format") == "manifest" and Path(str(data)).is_dir():
+        data = index_file(store.sources) or data  # a cache that recorded the manifest's folder
+    args = ["fusebench", "extract", "--encoder", store.encoder or str(cfg.get("encoder", ""))]
+    args += ["--data", str(data), "--out", str(store.path.parent.parent)]
+    if cfg.get("model") is not None:
+        args += ["--model", str(cfg["model"])]
+    if cfg.get("layer") is not None:
+        args += ["--layer", str(cfg["layer"])]
+    if cfg.get("weights") == "random":
+        args.append("--random-init")
+    if cfg.get("batch_size") not in (None, 32):
+        args += ["--batch-size", str(cfg["batch_size"])]
+    if str(cfg.get("precision") or "fp32") != "fp32":
+        args += ["--precision", str(cfg["precision"]).removesuffix("-autocast")]
+    if cfg.get("kind") in ("image", "clip") and "preprocess" not in cfg:
+        args.append("--exact-preprocess")
+    limit = request.get("limit", cfg.get("limit"))
+    if limit is not None:
+        args += ["--limit", str(limit)]
+    if request.get("labels"):
+        args += ["--labels", ",".join(map(str, request["labels"]))]
+    if request.get("text_encoding"):
+        args += ["--text-encoding", str(request["text_encoding"])]
+    for key, column in (cfg.get("columns") or {}).items():
+        args += ["--column", f"{key}={column}"]
+    return shlex.join(args)
+
+
+def index_file(sources: dict | None) -> str | None:
+    """The one CSV / JSONL manifest file whose lines a cache's samples came from (its record
+    of the data files, `record_sources`); None when there is not exactly one."""
+    src = sources if isinstance(sources, dict) else {}
+    files = src.get("files") if isinstance(src.get("files"), dict) else {}
+    index = [key for key, e in files.items() if isinstance(e, dict) and e.get("lines")]
+    if len(index) != 1:
+        return None
+    return str(_where(Path(str(src.get("root", ""))), index[0]))
 
 
 def rewrite_sources(path: Path, sources: dict) -> None:
@@ -153,27 +201,27 @@ def rewrite_sources(path: Path, sources: dict) -> None:
     when check_fresh reports changes but the fingerprint still matches (an edited header, a
     reformatted index line): the features are up to date, the record of the files is not.
     Call it holding `exclusive_lock(path)`."""
-    from fusebench.cache.writer import STR, _fsync_dir, temp_path
+    from fusebench.cache.writer import STR, _fsync_dir, h5_writing, temp_path
 
     path = Path(path)
     tmp = temp_path(path)
     try:
         shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
+        with h5_writing(tmp, "r+") as f:  # a full disk: one line, never a crashed HDF5
             if "sources" in f:
                 del f["sources"]
             f.create_dataset("sources", data=canonical_json(sources), dtype=STR)
             if (digests := stored_digests(f, tmp)) is not None:
                 digests["sources"] = dataset_digest(f["sources"], tmp)
                 f.attrs["digests"] = canonical_json(digests)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise write_error(tmp, e) from None
+        if isinstance(e, OSError):
+            raise write_error(tmp, e) from None
+        raise
 
 
 def _changed_lines(key: str, path: Path, recorded: dict) -> list[str]:

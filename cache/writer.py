@@ -3,7 +3,8 @@
 Numeric datasets are row-chunked with HDF5's fletcher32 filter, and `finish` records the
 sha256 of every stored array (cache/integrity.py), so damage is found on read. Any
 file-system fault (disk full, read-only folder, ...) is a CacheWriteError: one line naming
-the path and the fix; the temporary file is removed.
+the path and the fix; the temporary file is removed. HDF5 never sees such a fault: it writes
+through a `Sink` (see there), so a full disk cannot leave it unable to close the file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import functools
 import os
+import signal
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +27,7 @@ from fusebench.cache.format import (
     FORMAT_VERSION,
     CacheLockedError,
     CacheWriteError,
+    DamagedCacheError,
     TokenFeatures,
     canonical_json,
     fingerprint,
@@ -48,6 +52,184 @@ KEPT = " (finished batches are kept)"
 def temp_path(path: Path) -> Path:
     """Where a cache lives while it is being written."""
     return path.with_name(path.name + ".tmp")
+
+
+class Sink:
+    """The file object HDF5 writes a cache through (h5py's `fileobj` driver), instead of
+    writing the file itself.
+
+    With HDF5's own driver, a failed write (disk full, over quota, I/O error) left HDF5 unable
+    to close the file: every later flush failed again, h5py printed one ignored-exception
+    traceback per object it freed, and HDF5's exit handler then crashed on the half-closed
+    objects (exit 139). Here a failed write (or read) is recorded in `error` and reported to
+    HDF5 as done; it and every later write are kept in memory (`_late`, read back from
+    there), so HDF5 stays consistent and closes cleanly. Whoever writes calls `check()` after
+    each call into h5py and never finishes a file that had an error. These methods are
+    Python code run from inside HDF5, so a signal handler must not raise in them: callers
+    hold Ctrl-C / SIGTERM meanwhile (`signals_held`)."""
+
+    def __init__(self, path: Path, mode: str = "w", kept: str = KEPT) -> None:
+        self.kept = kept  # what a write fault's line says survives ("": nothing to resume)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if mode == "w" else 0)
+        self.path = Path(path)
+        self.fd = os.open(self.path, flags, 0o644)
+        self.pos = 0
+        self.end = os.fstat(self.fd).st_size  # the file's size as HDF5 sees it
+        self.error: OSError | None = None  # the first fault
+        self._late: dict[int, bytes] = {}  # writes since `error`: offset -> bytes, in order
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos}.get(whence, self.end)
+        self.pos = offset + base
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        got = 0
+        if n and self.pos < self.end:
+            try:
+                got = os.preadv(self.fd, [view], self.pos)
+            except OSError as e:
+                self.error = self.error or e
+        if got < n:
+            view[got:] = bytes(n - got)  # past the end reads as zeros (as HDF5's sec2 driver)
+        for at, data in self._late.items():  # what HDF5 wrote after a fault
+            lo, hi = max(at, self.pos), min(at + len(data), self.pos + n)
+            if lo < hi:
+                view[lo - self.pos : hi - self.pos] = data[lo - at : hi - at]
+        self.pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        buf = bytearray(max(0, self.end - self.pos) if size < 0 else size)
+        self.readinto(buf)
+        return bytes(buf)
+
+    def write(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if self.error is None:
+            try:
+                done = 0
+                while done < n:
+                    done += os.pwrite(self.fd, view[done:], self.pos + done)
+            except OSError as e:
+                self.error = e
+        if self.error is not None:  # kept here: HDF5 reads back what it wrote
+            self._late.pop(self.pos, None)  # re-added last: later writes win on read
+            self._late[self.pos] = bytes(view)
+        self.pos += n
+        self.end = max(self.end, self.pos)
+        return n
+
+    def truncate(self, size: int | None = None) -> int:
+        end = self.pos if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, end)
+            except OSError as e:
+                self.error = e
+        self.end = end
+        return end
+
+    def flush(self) -> None:
+        pass  # nothing buffered here; `close_synced` makes the file durable
+
+    def check(self, e: OSError | None = None) -> None:
+        """After a call into h5py (which raised `e`, or nothing): the first fault, the
+        sink's own or e, as one CacheWriteError line."""
+        if self.error is not None or e is not None:
+            raise _write_error(self.path, self.error or e, self.kept)
+
+    def close_synced(self) -> None:
+        """fsync and close the file (once h5py has closed it); a fault is one line."""
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            self.error = self.error or e
+        self.close()
+        self.check()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        self._late.clear()
+
+
+_HOLDING = threading.local()
+
+
+def _holding(method):
+    """A CacheWriter method that calls into h5py: run with signals held (`signals_held`)."""
+
+    @functools.wraps(method)
+    def held(*args, **kwargs):
+        with signals_held():
+            return method(*args, **kwargs)
+
+    return held
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while HDF5 writes through a Sink: their Python handlers run in
+    the main thread at the next Python call, which would be a Sink method called from inside
+    HDF5, and an exception there makes HDF5 drop that write unnoticed (a cache that looks
+    complete) or crash at exit. A signal that came meanwhile is passed to its handler on
+    leaving (Ctrl-C: KeyboardInterrupt, raised here). Only the main thread runs handlers, so
+    other threads need nothing; SIG_DFL / SIG_IGN dispositions are left as they are."""
+    if threading.current_thread() is not threading.main_thread() or getattr(_HOLDING, "on", False):
+        yield
+        return
+    came: list[tuple[int, object]] = []
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, lambda n, frame: came.append((n, frame)))
+    _HOLDING.on = True
+    try:
+        yield
+    finally:
+        _HOLDING.on = False
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum, frame in came[:1]:
+            saved[signum](signum, frame)
+
+
+@contextlib.contextmanager
+def h5_writing(path: Path, mode: str = "w") -> Iterator[h5py.File]:
+    """An HDF5 file written through a Sink (see there), signals held: yields the h5py.File;
+    on leaving normally, closes it, fsyncs and raises the first write fault as one
+    CacheWriteError (the caller removes the file); on leaving by an exception, closes it."""
+    with signals_held():
+        sink = Sink(path, mode, kept="")
+        try:
+            f = h5py.File(sink, mode, libver=LIBVER)
+        except BaseException:
+            sink.close()
+            raise
+        try:
+            try:
+                yield f
+            except OSError as e:
+                sink.check(e)
+                raise
+            sink.check()
+            f.close()
+            sink.close_synced()
+        finally:
+            with contextlib.suppress(Exception):
+                f.close()
+            sink.close()
 
 
 class CacheWriter:
@@ -78,43 +260,54 @@ class CacheWriter:
         sources: dict | None = None,
         compression: str | None = TOKEN_COMPRESSION,
         token_chunk: int | None = TOKEN_CHUNK,
+        kept: str = KEPT,
     ) -> None:
         self.path = Path(path)
+        self.kept = kept  # a write fault's line: what a rerun reuses ("" for `cache merge`)
         self.compression, self.token_chunk = compression, token_chunk
         self._tmp = temp_path(self.path)
         self._f: h5py.File | None = None
+        self._sink: Sink | None = None
         self.n = len(guid)
         self._errors: list[tuple[str, str, str]] = []
         self._vectors: dict[
             str, np.ndarray
         ] = {}  # dataset name -> (N, ...) rows, written by finish
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp.unlink(missing_ok=True)  # left by a run killed while assembling
-            self._f = f = h5py.File(self._tmp, "w", libver=LIBVER, rdcc_nbytes=16 << 20)
-            f.attrs["fusebench_format"] = FORMAT_VERSION
-            f.attrs["complete"] = False
-            f.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            f.attrs["config"] = canonical_json(config)
-            f.attrs["fingerprint"] = fingerprint(config, manifest)
-            for key, value in attrs.items():
-                f.attrs[key] = (
-                    value if isinstance(value, (str, int, float, bool)) else canonical_json(value)
-                )
-            f.create_dataset("guid", data=np.asarray(guid, dtype=object), dtype=STR)
-            f.create_dataset("split", data=np.asarray(split, dtype=object), dtype=STR)
-            labels = np.asarray(label, dtype=np.int8).reshape(self.n)
-            create_dataset(f, "label", shape=(self.n,), dtype=np.int8, data=labels)
-            f["label"].attrs["classes"] = list(classes)
-            create_dataset(f, "status", shape=(self.n,), dtype=np.uint8)
-            self._vectors["status"] = np.zeros(self.n, dtype=np.uint8)
-            f.create_dataset("manifest", data=canonical_json(manifest), dtype=STR)
-            if sources is not None:
-                f.create_dataset("sources", data=canonical_json(sources), dtype=STR)
-        except OSError as e:
+            with signals_held():  # raises a Ctrl-C that came meanwhile, on leaving
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._tmp.unlink(missing_ok=True)  # left by a run killed while assembling
+                self._sink = Sink(self._tmp, "w", kept)
+                self._f = f = h5py.File(self._sink, "w", libver=LIBVER, rdcc_nbytes=16 << 20)
+                f.attrs["fusebench_format"] = FORMAT_VERSION
+                f.attrs["complete"] = False
+                f.attrs["created"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+                f.attrs["config"] = canonical_json(config)
+                f.attrs["fingerprint"] = fingerprint(config, manifest)
+                for key, value in attrs.items():
+                    f.attrs[key] = (
+                        value
+                        if isinstance(value, (str, int, float, bool))
+                        else canonical_json(value)
+                    )
+                f.create_dataset("guid", data=np.asarray(guid, dtype=object), dtype=STR)
+                f.create_dataset("split", data=np.asarray(split, dtype=object), dtype=STR)
+                labels = np.asarray(label, dtype=np.int8).reshape(self.n)
+                create_dataset(f, "label", shape=(self.n,), dtype=np.int8, data=labels)
+                f["label"].attrs["classes"] = list(classes)
+                create_dataset(f, "status", shape=(self.n,), dtype=np.uint8)
+                self._vectors["status"] = np.zeros(self.n, dtype=np.uint8)
+                f.create_dataset("manifest", data=canonical_json(manifest), dtype=STR)
+                if sources is not None:
+                    f.create_dataset("sources", data=canonical_json(sources), dtype=STR)
+                self._check()
+        except BaseException as e:  # Ctrl-C too: nothing is left behind
             self.abort()
-            raise _write_error(self._tmp, e) from None
+            if isinstance(e, OSError):
+                self._check(e)
+            raise
 
+    @_holding
     def create_modality(
         self,
         modality: str,
@@ -148,8 +341,10 @@ class CacheWriter:
                 ds.attrs["pooling"] = how
                 self._vectors[f"{modality}/{name}"] = np.zeros((self.n, dim), np.float16)
         except OSError as e:
-            raise _write_error(self._tmp, e) from None
+            self._check(e)
+        self._check()
 
+    @_holding
     def write(self, modality: str, rows: np.ndarray, feats: TokenFeatures) -> None:
         """Writes B rows (any order) of one modality; tokens may be shorter than L (zero-padded).
 
@@ -179,7 +374,8 @@ class CacheWriter:
                 src = slice(int(src[0]), int(src[-1]) + 1) if _is_step1(src) else src
                 tokens[dest, :n_tok] = feats.tokens[src]
         except OSError as e:
-            raise _write_error(self._tmp, e) from None
+            self._check(e)
+        self._check()
 
     def _write_slabs(self, tokens: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
         """Token rows chunked by slabs (padded arrays), each row up to the slab of its last
@@ -203,7 +399,8 @@ class CacheWriter:
                     src = slice(int(run[0]), int(run[-1]) + 1) if _is_step1(run) else run
                     tokens[first : first + len(run), :stop] = values[src, :stop]
         except OSError as e:
-            raise _write_error(self._tmp, e) from None
+            self._check(e)
+        self._check()
 
     def set_status(self, status: np.ndarray) -> None:
         self._vectors["status"][:] = status
@@ -214,42 +411,63 @@ class CacheWriter:
 
     def finish(self) -> Path:
         """Records the digests, marks the file complete and moves it to its final name (atomic
-        on POSIX)."""
+        on POSIX). Signals are held per call into h5py (not for the whole digest pass), so
+        Ctrl-C stops a long finish between blocks."""
         f = self._f
         try:
-            for name, values in self._vectors.items():
-                if values.size:
-                    f[name].write_direct(values)
-            g = f.create_group("errors")
-            for i, name in enumerate(("guid", "stage", "message")):
-                column = np.asarray([e[i] for e in self._errors], dtype=object)
-                g.create_dataset(name, data=column, dtype=STR)
-            f.attrs["n_failed"] = int((self._vectors["status"] == FAILED).sum())
-            digests: dict[str, str] = {}
-            f.visititems(
-                lambda name, obj: (
-                    digests.__setitem__(name, dataset_digest(obj, self._tmp))
-                    if isinstance(obj, h5py.Dataset)
-                    else None
+            with signals_held():
+                for name, values in self._vectors.items():
+                    if values.size:
+                        f[name].write_direct(values)
+                g = f.create_group("errors")
+                for i, name in enumerate(("guid", "stage", "message")):
+                    column = np.asarray([e[i] for e in self._errors], dtype=object)
+                    g.create_dataset(name, data=column, dtype=STR)
+                f.attrs["n_failed"] = int((self._vectors["status"] == FAILED).sum())
+                names: list[str] = []
+                f.visititems(
+                    lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
                 )
-            )
-            digests[ATTRS] = attrs_digest(f)
-            f.attrs["digests"] = canonical_json(digests)
-            f.attrs["complete"] = True
-            f.close()
-            with open(self._tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+                self._check()
+            digests: dict[str, str] = {}
+            for name in names:
+                with signals_held():
+                    ds = f[name]
+                try:
+                    digests[name] = dataset_digest(ds, self._tmp, hold=signals_held)
+                except DamagedCacheError:
+                    self._check()  # a read fault the sink met: its own line instead
+                    raise
+            with signals_held():
+                digests[ATTRS] = attrs_digest(f)
+                f.attrs["digests"] = canonical_json(digests)
+                self._check()  # never `complete` after a fault
+                f.attrs["complete"] = True
+                f.close()
+            self._check()
+            self._sink.close_synced()
             os.replace(self._tmp, self.path)
             _fsync_dir(self.path.parent)
         except OSError as e:
             self.abort()
-            raise _write_error(self._tmp, e) from None
+            self._check(e)
         return self.path
 
+    def _check(self, e: OSError | None = None) -> None:
+        """After a call into h5py (which raised e, or nothing): a write fault as one
+        CacheWriteError line."""
+        if self._sink is not None:
+            self._sink.check(e)
+        elif e is not None:
+            raise _write_error(self._tmp, e, self.kept) from None
+
+    @_holding
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             if self._f is not None:
-                self._f.close()
+                self._f.close()  # through the sink: never fails for want of disk space
+        if self._sink is not None:
+            self._sink.close()
         with contextlib.suppress(OSError):
             self._tmp.unlink(missing_ok=True)
 
@@ -258,8 +476,8 @@ def _is_step1(idx: np.ndarray) -> bool:
     return bool(len(idx) == 1 or (np.diff(idx) == 1).all())
 
 
-def _write_error(path: Path, e: OSError) -> CacheWriteError:
-    return e if isinstance(e, CacheWriteError) else write_error(path, e, KEPT)
+def _write_error(path: Path, e: OSError, kept: str = KEPT) -> CacheWriteError:
+    return e if isinstance(e, CacheWriteError) else write_error(path, e, kept)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -319,22 +537,26 @@ def write_features(
     )
     try:
         for name, feats in (("text", text), ("image", image)):
-            if feats is None:
-                continue
-            shape = None if feats.tokens is None else feats.tokens.shape[1:]
-            w.create_modality(
-                name,
-                tokens=shape,
-                mask=feats.mask is not None,
-                pooled={k: (v.shape[1], feats.pooling.get(k, "")) for k, v in feats.pooled.items()},
-            )
-            w.write(name, np.arange(n), feats)
+            if feats is not None:
+                _write_modality(w, name, feats)
         w.set_status(np.ones(n, dtype=np.uint8) if status is None else status)
         w.add_errors(errors)
         return w.finish()
     except BaseException:
         w.abort()
         raise
+
+
+def _write_modality(w: CacheWriter, name: str, feats: TokenFeatures) -> None:
+    """All rows of one modality, its datasets shaped by `feats`."""
+    shape = None if feats.tokens is None else feats.tokens.shape[1:]
+    w.create_modality(
+        name,
+        tokens=shape,
+        mask=feats.mask is not None,
+        pooled={k: (v.shape[1], feats.pooling.get(k, "")) for k, v in feats.pooled.items()},
+    )
+    w.write(name, np.arange(w.n), feats)  # every row of the cache
 
 
 # ------------------------------------------------------------------------------ the lock

@@ -1,20 +1,21 @@
-"""Sharded extraction under torchrun: the ranks split one cache's batch plan.
+"""Sharded extraction under torchrun: the ranks split each cache's batch plan.
 
-    torchrun --no-python --nproc-per-node N fusebench extract --encoder E --data D
+    torchrun --no-python --nproc-per-node N fusebench extract --encoder E[,F,...] --data D
 
-Rank 0 does what a single run does — the cache lock, the existing-cache checks, the plan
-saved in the journal — and assembles the ONE cache at the end. Every rank (rank 0 too) computes
-the batches b with b % N == rank that the journal does not hold yet, text and image plans alike,
-and journals each one exactly as a single run would. Same plan -> same batches -> same float16
+Rank 0 does what a single run does — the cache locks, the existing-cache checks, the plans
+saved in the journals — and assembles the caches at the end (extract/runner.py). Every rank
+(rank 0 too) computes the batches b with b % N == rank that a journal does not hold yet, text
+and image plans alike, of every encoder of the pass, and journals each one exactly as a single
+run would. Same plan -> same batches -> same float16
 bits: the cache is byte-identical to a single-process run's, and rerunning the same command with
 any N (also N=1) after a killed rank computes only the batches the journal lacks.
 
 Three collectives (cache/ranks.py, gloo), each reached by every rank whatever happened before:
   1. `checked`: after the checks each rank makes alone (options, --data, --out), an all_gather
      of each rank's error: a bad --data fails on every rank with its one line, never a hang.
-  2. `announce` / `receive`: rank 0 broadcasts the work (fingerprint, plan, batches already
-     journalled), or its failure, or "up to date".
-  3. `settle`: an all_gather of each rank's outcome (rows computed, or its error):
+  2. `announce` / `receive`: rank 0 broadcasts the work of each cache to build (fingerprint,
+     plan, batches already journalled), or its failure, or "all up to date".
+  3. `settle`: an all_gather of each rank's outcome (rows computed per cache, or its error):
      one rank's failure stops every rank with that line.
 Features never travel between ranks: they go through the journal folder (`<cache>.parts/`),
 which is why --out must be on a file system every rank sees.
@@ -27,17 +28,12 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from fusebench.cache import CacheError, fingerprint, parts_dir, ranks
+from fusebench.cache import CacheError, ranks
 from fusebench.cache.journal import Journal
-
-if TYPE_CHECKING:  # extract.loop imports this module
-    from fusebench.extract.datasets import Dataset
-    from fusebench.extract.encoders import EncoderSpec
-    from fusebench.extract.loop import ExtractReport, Plan, StageLog
+from fusebench.extract.options import ExtractError
+from fusebench.extract.plan import Plan
 
 
 @dataclass
@@ -105,8 +101,6 @@ class Failure:
     def error(self, here: int) -> Exception:
         """The exception to raise on rank `here`: rank 0's line as it is (it is the run's
         error), another rank's prefixed with its rank."""
-        from fusebench.extract.loop import ExtractError
-
         line = self.line if self.rank == 0 else f"rank {self.rank}: {self.line}"
         kinds = {"usage": ValueError, "missing": FileNotFoundError, "cache": CacheError}
         return kinds.get(self.kind, ExtractError)(line)
@@ -140,10 +134,11 @@ def checked(shard: Shard) -> Iterator[None]:
         _raise_first(ranks.all_gather(None), shard)
 
 
-def announce(shard: Shard, work: Work) -> None:
-    """Rank 0, plan saved: the others may start."""
+def announce(shard: Shard, works: dict[str, Work]) -> None:
+    """Rank 0, plans saved: the others may start (on the caches named, the others being up
+    to date)."""
     if shard.many and shard.rank == 0:
-        ranks.broadcast(work)
+        ranks.broadcast(works)
         shard.announced = True
 
 
@@ -154,27 +149,29 @@ def announce_end(shard: Shard, error: BaseException | None) -> None:
         shard.announced = True
 
 
-def receive(shard: Shard) -> Work | None:
-    """Ranks > 0: rank 0's work, or None when the cache is up to date; rank 0's failure is
-    raised here with its line."""
+def receive(shard: Shard) -> dict[str, Work] | None:
+    """Ranks > 0: rank 0's work per cache to build, or None when every cache is up to date;
+    rank 0's failure is raised here with its line."""
     got = ranks.broadcast(None)
     if isinstance(got, Failure):
         raise got.error(shard.rank)
     return got
 
 
-def settle(shard: Shard, rows: int = 0, error: BaseException | None = None) -> int:
+def settle(
+    shard: Shard, rows: dict[str, int] | None = None, error: BaseException | None = None
+) -> dict[str, int]:
     """Every rank's outcome, exchanged: raises this rank's own error, or another rank's line;
-    else returns the rows every rank computed together."""
+    else returns the rows every rank computed together, per cache."""
     if not shard.many:
         if error is not None:
             raise error
-        return rows
+        return rows or {}
     outcomes = ranks.all_gather(Failure.of(shard.rank, error) if error is not None else rows)
     if error is not None:
         raise error
     _raise_first(outcomes, shard)
-    return sum(outcomes)
+    return {n: sum(got.get(n, 0) for got in outcomes) for n in rows or {}}
 
 
 def missing_parts(journal: Journal, plan: Plan, modalities: tuple[str, ...]) -> str:
@@ -196,59 +193,7 @@ def missing_parts(journal: Journal, plan: Plan, modalities: tuple[str, ...]) -> 
     )
 
 
-def follow(
-    shard: Shard,
-    ds: Dataset,
-    final: Path,
-    spec: EncoderSpec,
-    dev: torch.device,
-    *,
-    batch_size: int,
-    limit: int | None,
-    on_error: str,
-    num_workers: int | None,
-    exact_preprocess: bool,
-    log: StageLog,
-) -> ExtractReport:
-    """A rank > 0: loads the model while rank 0 plans, computes its share of rank 0's plan
-    into the shared journal, prints one line and returns; rank 0 assembles the cache."""
-    from fusebench.extract.encoders import build_encoder
-    from fusebench.extract.loop import ExtractReport, _compute, cache_config
-
-    samples = ds.samples[:limit] if limit else ds.samples
-    report = ExtractReport(final, len(samples), 0, 0, 0, 0, 0.0, rank=shard.rank)
-    try:
-        enc = build_encoder(spec, dev)
-        enc.select_preprocess(exact=exact_preprocess)
-        config = cache_config(enc, ds, batch_size=batch_size, limit=limit)
-        fp = fingerprint(config, ds.manifest()[: len(samples)])
-    except Exception as e:  # rank 0 is planning: it hears of this in `settle`
-        if receive(shard) is None:  # up to date: rank 0 is done, nothing to settle
-            raise
-        settle(shard, error=e)
-        raise
-    work = receive(shard)
-    if work is None:
-        report.up_to_date = True
-        print(f"rank {shard.rank}: computed 0 batches ({final} is up to date)", flush=True)
-        return report
-    journal = Journal(parts_dir(final), work.fingerprint)
-    if problem := _disagreement(shard, work, fp, enc.config(), journal):
-        settle(shard, error=_extract_error(problem))
-    mine = [  # rows of each batch this rank computes
-        len(rows)
-        for m, batches in (("text", work.plan.text_batches), ("image", work.plan.image_batches))
-        for b, rows in enumerate(batches)
-        if b not in work.done.get(m, ()) and shard.mine(b) and m in enc.modalities
-    ]
-    bar = dict(disable=True)  # rank 0 alone draws a bar: N bars on one terminal garble it
-    _compute(enc, samples, work.plan, journal, work.done, on_error, num_workers, log, bar, shard)
-    report.computed = sum(mine)
-    print(f"rank {shard.rank}: computed {len(mine)} batches; rank 0 assembles {final}", flush=True)
-    return report
-
-
-def _disagreement(shard: Shard, work: Work, fp: str, config: dict, journal: Journal) -> str:
+def disagreement(shard: Shard, work: Work, fp: str, config: dict, journal: Journal) -> str:
     """Why this rank cannot compute rank 0's plan ('' when it can). `config`: this rank's
     encoder settings, to name the ones that differ from rank 0's."""
     where = f"rank {shard.rank} on {socket.gethostname()}"
@@ -265,12 +210,6 @@ def _disagreement(shard: Shard, work: Work, fp: str, config: dict, journal: Jour
             "same data, model and software"
         )
     return ""
-
-
-def _extract_error(line: str) -> Exception:
-    from fusebench.extract.loop import ExtractError
-
-    return ExtractError(line)
 
 
 def _raise_first(outcomes: list, shard: Shard) -> None:

@@ -26,25 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from fusebench.cache import TokenFeatures
-from fusebench.configs import bundled_path, config_names
+from fusebench.configs import bundled_path, config_names, read_config
+
+from fusebench.devices import resolve_device
+from fusebench.registry import Registry
 
 CONFIG_DIR = bundled_path("encoders")  # configs/encoders/, package data of the install
 
-_KINDS: dict[str, type[Encoder]] = {}
-
-
-def register_encoder(kind: str) -> Callable[[type[Encoder]], type[Encoder]]:
-    """Registers an encoder class for a `kind:` in configs/encoders/*.yaml."""
-
-    def deco(cls: type[Encoder]) -> type[Encoder]:
-        if kind in _KINDS:
-            raise ValueError(f"encoder kind '{kind}' is registered twice")
-        _KINDS[kind] = cls
-        return cls
-
-    return deco
+ENCODERS = Registry("encoder kind")  # kind: in configs/encoders/*.yaml -> Encoder class
+register_encoder = ENCODERS.register  # @register_encoder("clip") on an Encoder subclass
 
 
 def list_encoders() -> list[str]:
@@ -114,25 +105,8 @@ def load_spec(
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     """configs/encoders/<name>.yaml as EncoderSpec fields, checked key by key."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" (line {where.line + 1})" if where is not None else ""
-        raise ValueError(f"{path} is not valid YAML{at}; fix the file") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} must be a mapping of key: value lines; fix the file")
-    known = [f.name for f in fields(EncoderSpec) if f.name != "name"]
-    for key in raw:
-        if key not in known:
-            raise ValueError(
-                f"{path}: unknown key '{key}'; use one of {', '.join(known)} (the file stem is the name)"
-            )
-    for key in ("kind", "model"):
-        if not isinstance(raw.get(key), str) or not raw[key]:
-            raise ValueError(f"{path}: '{key}' is required (a string); add it")
     checks = {
-        "kind": (lambda v: v in _KINDS, f"one of {', '.join(sorted(_KINDS))}"),
+        "kind": (lambda v: v in ENCODERS, f"one of {', '.join(ENCODERS.names())}"),
         "max_length": (lambda v: type(v) is int and v > 0, "a positive integer"),
         "pooling": (lambda v: v in POOLINGS, f"one of {', '.join(POOLINGS)}"),
         "extra_pooling": (
@@ -143,10 +117,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         "random_init": (lambda v: isinstance(v, bool), "true or false"),
         "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     }
-    for key, (ok, what) in checks.items():
-        if key in raw and not ok(raw[key]):
-            raise ValueError(f"{path}: '{key}' must be {what}, not {raw[key]!r}; fix the file")
-    return raw
+    known = [f.name for f in fields(EncoderSpec) if f.name != "name"]
+    return read_config(path, known=known, required=("kind", "model"), checks=checks)
 
 
 def create_encoder(
@@ -166,33 +138,12 @@ def create_encoder(
 def build_encoder(spec: EncoderSpec, device: torch.device) -> Encoder:
     """Loads the model a (checked) spec names: the slow step, kept apart so callers can
     validate every option before it."""
-    return _KINDS[spec.kind](spec, device=device)
+    return ENCODERS.get(spec.kind)(spec, device=device)
 
 
 def modalities_of(spec: EncoderSpec) -> tuple[str, ...]:
     """What an encoder of this spec stores, known before its model loads."""
-    return _KINDS[spec.kind].modalities
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"--device must be auto, cpu or cuda, not '{device}'")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no GPU; use --device cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"--device '{device}' is not a device; use auto, cpu, cuda or cuda:N"
-        ) from None
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(
-            f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
-            f"cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of those"
-        )
-    return dev
+    return ENCODERS.get(spec.kind).modalities
 
 
 def resolve_model_path(model: str) -> str:

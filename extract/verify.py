@@ -5,6 +5,7 @@ few rows compared with what the cache holds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from fusebench.cache import CacheError, DamagedCacheError, FeatureStore
 from fusebench.cache.integrity import fix_line, verify_digests
 from fusebench.cache.reader import check_openable, read_header, reading
-from fusebench.extract.datasets import Dataset, load_dataset
+from fusebench.cache.sources import index_file
+from fusebench.extract.datasets import Dataset, detect_format, load_dataset
 from fusebench.extract.encoders import Encoder, create_encoder
 
 # float16 storage keeps ~3 significant digits; batching/padding may move the last bit.
@@ -67,11 +69,10 @@ def verify(
     with reading(path) as f:
         attrs, config, _ = read_header(f, path)
         checked, bad = verify_digests(f, path)
+        sources = _sources(f) if not data else None
     if bad:
         raise DamagedCacheError(f"{path} is damaged: {', '.join(bad)}; {fix_line(path)}")
-    data = data or attrs.get("data_path")
-    if not data:
-        raise ValueError(f"{path} does not record its dataset; pass --data DIR")
+    data = data or _recorded_data(path, attrs, config, sources)
     if "encoder" not in config:
         raise DamagedCacheError(f"{path} is damaged: its config names no encoder; {fix_line(path)}")
     ds = load_dataset(
@@ -97,10 +98,32 @@ def verify(
         f"{path}: complete, {len(store)} rows ({int(store.ok().sum())} ok, "
         f"{int(store.failed().sum())} failed)",
         f"integrity: {integrity}",
-        f"guid, split and label of all {len(store)} rows match the dataset at {ds.root}",
-        f"fingerprint matches the data at {ds.root} and model {config['model']} "
+        f"guid, split and label of all {len(store)} rows match the dataset at {ds.path or ds.root}",
+        f"fingerprint matches the data at {ds.path or ds.root} and model {config['model']} "
         f"({config.get('weights')} weights, revision {config.get('model_revision') or 'unknown'})",
     ]
+    return [*lines, _recomputed(store, enc, samples, rows)]
+
+
+def _recorded_data(path: Path, attrs: dict, config: dict, sources) -> str:
+    """The dataset a cache records (the manifest file read, or the dataset's folder);
+    ValueError naming --data when it records none usable."""
+    recorded = attrs.get("data_path")
+    if recorded and config.get("format") == "manifest" and Path(recorded).is_dir():
+        recorded = index_file(sources) or recorded  # a cache that recorded a manifest's folder
+        if Path(recorded).is_dir() and _no_layout(Path(recorded)):
+            raise ValueError(
+                f"{path} records its data as the folder {recorded}, which holds no single "
+                "manifest (a cache merged from part manifests, or one from an older "
+                "fusebench); pass --data with the manifest file of its rows"
+            )
+    if not recorded:
+        raise ValueError(f"{path} does not record its dataset; pass --data DIR")
+    return recorded
+
+
+def _recomputed(store: FeatureStore, enc, samples, rows: int) -> str:
+    """`rows` ok rows spread over the cache, recomputed with the encoder and compared."""
     ok_rows = np.flatnonzero(store.ok())
     picks = (
         ok_rows[np.linspace(0, len(ok_rows) - 1, min(rows, len(ok_rows))).astype(int)]
@@ -113,10 +136,26 @@ def verify(
         for modality, feats in fresh.items():
             stored = getattr(store, modality)
             worst = max(worst, _compare(samples[r].guid, modality, stored, r, feats))
-    lines.append(
-        f"recomputed {len(picks)} rows with the encoder: max |diff| {worst:.2g} (within float16)"
-    )
-    return lines
+    return f"recomputed {len(picks)} rows with the encoder: max |diff| {worst:.2g} (within float16)"
+
+
+def _no_layout(folder: Path) -> bool:
+    try:
+        detect_format(folder)
+    except ValueError:
+        return True
+    return False
+
+
+def _sources(f) -> dict | None:
+    """The cache's record of its data files, or None."""
+    if "sources" not in f:
+        return None
+    try:
+        raw = f["sources"][()]
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_rows_against(store: FeatureStore, manifest: list[dict]) -> None:

@@ -1,13 +1,15 @@
 """Stage two: fusion heads trained on cached encoder features (never on the encoders).
 
 Reads only the cache (cache/); never imports extract/ or transformers. Entry points:
-`load_feature_set`, `build_head` / `list_heads`, `StratifiedProtocol`,
+`load_feature_set`, `build_head` / `list_heads`, `StratifiedProtocol`, the head contract
+(`fuse.head`: `Head`, and `BaseHead` + `register_head` for a head of your own),
 `fuse.experiment.run_grid` (what `fuse` and `compare` run; `run_compare` takes their flags),
 `fuse.predict.predict_run`, `fuse.report_html` (`fusebench report`).
 Torch and LightGBM load when a head needs them, not on `import fuse`.
 """
 
 from fusebench.fuse.features import FeatureMismatchError, FeatureSet, load_feature_set
+from fusebench.fuse.head import BaseHead, Head
 from fusebench.fuse.protocol import StratifiedProtocol
 from fusebench.fuse.registry import (
     UnknownHeadError,
@@ -18,8 +20,10 @@ from fusebench.fuse.registry import (
 )
 
 __all__ = [
+    "BaseHead",
     "FeatureMismatchError",
     "FeatureSet",
+    "Head",
     "StratifiedProtocol",
     "UnknownHeadError",
     "build_head",

@@ -37,22 +37,20 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 from fusebench.fuse.features import FeatureSet
 from fusebench.fuse.trainer import (
     FORWARD_ARGS,
-    EarlyStopping,
-    TorchClassifier,
-    TrainResult,
     batches,
     class_weight_vector,
     gather,
     resolve_device,
     row_blocks,
     token_lengths,
-    val_scores,
+    train_epochs,
     warm_up,
 )
 from torch import nn
@@ -75,9 +73,10 @@ class NotBatchable(Exception):
     """These fits cannot be trained as one stack (the caller fits them one at a time)."""
 
 
-def can_batch(heads: Sequence[object]) -> bool:
-    """Whether `heads` are torch heads of one kind and settings, differing only in seed."""
-    if len(heads) < 2 or any(getattr(h, "kind", "") != "torch" for h in heads):
+def can_batch(heads: Sequence[Any]) -> bool:
+    """Whether `heads` (torch heads) are two or more of one head and settings, differing only
+    in seed."""
+    if len(heads) < 2:
         return False
     first = heads[0].get_config()
     return all({**h.get_config(), "seed": first["seed"]} == first for h in heads[1:])
@@ -254,20 +253,20 @@ def _stacked(
 
 
 def fit_together(
-    heads: Sequence[TorchClassifier],
+    heads: Sequence[Any],
     trains: Sequence[FeatureSet],
     vals: Sequence[FeatureSet | None],
     *,
     quiet: bool = True,
     desc: str = "",
-) -> list[TorchClassifier]:
-    """Fits heads[m] on trains[m], early-stopped on vals[m], all as one stack; each head ends
-    fitted as its own TorchClassifier.fit would leave it (see the module docstring). Raises
-    NotBatchable when the heads differ in more than their seed, or the head's module cannot
-    run under vmap (nothing is fitted then)."""
+) -> list[Any]:
+    """Fits heads[m] (fuse.nets.TorchClassifier) on trains[m], early-stopped on vals[m], all
+    as one stack; each head ends fitted as its own fit() would leave it (see the module
+    docstring). Raises NotBatchable when the heads differ in more than their seed, or the
+    head's module cannot run under vmap (nothing is fitted then)."""
     if not can_batch(heads):
         raise NotBatchable("only torch heads of one kind and settings are trained together")
-    cfg, tokens = heads[0].train, heads[0].needs_tokens
+    cfg = heads[0].train
     device = resolve_device(cfg.device)
     prepared = [h.initial_module(t) for h, t in zip(heads, trains)]
     modalities, dims = prepared[0][0], prepared[0][1]
@@ -277,111 +276,131 @@ def fit_together(
         h.standardized(module, t, modalities, dims).to(device)
         for h, t, (_, _, module) in zip(heads, trains, prepared)
     ]
-    n_classes = trains[0].n_classes
-    joined, offsets = _joined(trains)
-    has_val = [v is not None and len(v) > 0 for v in vals]
-    # a member without inner-val rows evaluates its own fit rows, and ignores the result
-    val_joined, val_offsets = _joined([v if ok else t for v, t, ok in zip(vals, trains, has_val)])
-    stack = _Stack(modules, device)
-    _probe(stack, joined, offsets, modalities, tokens, device)
+    bar = tqdm(
+        total=cfg.epochs * len(heads), unit="fit-epoch", desc=desc, leave=False, disable=quiet
+    )
+    members = _Members(
+        modules,
+        heads,
+        trains,
+        vals,
+        device=device,
+        modalities=modalities,
+        tokens=heads[0].needs_tokens,
+        bar=bar,
+    )
+    weights = [members.weights[m] if cfg.class_weights else None for m in range(len(heads))]
+    results, best = train_epochs(members, cfg, vals, weights, trains[0].n_classes)
+    bar.close()
+    seconds = (time.perf_counter() - start) / len(heads)
+    for head, module, result, state, train in zip(heads, modules, results, best, trains):
+        module.load_state_dict(state)
+        head.fitted(module, result, train_time=seconds, device=device, train=train)
+    return list(heads)
 
-    M = len(heads)
-    rngs = [np.random.default_rng(h.seed) for h in heads]
-    torch.manual_seed(heads[0].seed)  # dropout: one stream for the stack (module docstring)
-    lengths = [token_lengths(t, modalities, tokens) for t in trains]
-    blocks = [row_blocks(t, modalities, tokens) for t in trains]  # streamed: block-aware order
-    val_lengths = [
-        token_lengths(v, modalities, tokens) if ok else None for v, ok in zip(vals, has_val)
-    ]
-    weights = torch.stack(
-        [
-            torch.as_tensor(class_weight_vector(t.label, n_classes), dtype=torch.float32)
-            if cfg.class_weights
-            else torch.ones(n_classes)
-            for t in trains
+
+class _Members:
+    """The stacked fits for fuse.trainer.train_epochs: every live member's k-th batch in one
+    vmapped step (batches padded to the largest with the member's own rows at loss weight 0),
+    its own data order, class weights, gradient clipping and AdamW state (StackedAdamW)."""
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        heads: Sequence[Any],
+        trains: Sequence[FeatureSet],
+        vals: Sequence[FeatureSet | None],
+        *,
+        device: torch.device,
+        modalities: tuple[str, ...],
+        tokens: bool,
+        bar: tqdm,
+    ) -> None:
+        self.cfg, self.trains, self.bar = heads[0].train, trains, bar
+        self.inputs = {"modalities": modalities, "tokens": tokens, "device": device}
+        self.joined, self.offsets = _joined(trains)
+        has_val = [v is not None and len(v) > 0 for v in vals]
+        self.vals = {m: v for m, (v, ok) in enumerate(zip(vals, has_val)) if ok}
+        # a member without inner-val rows evaluates its own fit rows, and ignores the result
+        self.val_joined, self.val_offsets = _joined(
+            [v if ok else t for v, t, ok in zip(vals, trains, has_val)]
+        )
+        self.stack = _Stack(modules, device)
+        _probe(self.stack, self.joined, self.offsets, **self.inputs)
+        self.rngs = [np.random.default_rng(h.seed) for h in heads]
+        torch.manual_seed(heads[0].seed)  # dropout: one stream for the stack (module docstring)
+        self.lengths = [token_lengths(t, modalities, tokens) for t in trains]
+        self.blocks = [row_blocks(t, modalities, tokens) for t in trains]  # token heads
+        self.val_lengths = [
+            token_lengths(v, modalities, tokens) if ok else None for v, ok in zip(vals, has_val)
         ]
-    ).to(device)  # (M, C)
-    y = torch.as_tensor(joined.label, dtype=torch.long, device=device)
-    opt = StackedAdamW(list(stack.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stoppers = [EarlyStopping(cfg.patience) for _ in heads]
-    histories: list[list[dict]] = [[] for _ in heads]
-    best: list[dict | None] = [None] * M
-    alive = list(range(M))  # member of each stack slot
-    bar = tqdm(total=cfg.epochs * M, unit="fit-epoch", desc=desc, leave=False, disable=quiet)
-    for epoch in range(1, cfg.epochs + 1):
+        n_classes = trains[0].n_classes
+        self.weights = torch.stack(
+            [
+                torch.as_tensor(class_weight_vector(t.label, n_classes), dtype=torch.float32)
+                if self.cfg.class_weights
+                else torch.ones(n_classes)
+                for t in trains
+            ]
+        ).to(device)  # (M, C)
+        self.y = torch.as_tensor(self.joined.label, dtype=torch.long, device=device)
+        self.opt = StackedAdamW(
+            list(self.stack.params.values()), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay
+        )
+        self.alive = list(range(len(heads)))  # member of each stack slot
+
+    def train_epoch(self) -> list[float]:
+        cfg, alive, device = self.cfg, self.alive, self.inputs["device"]
         plans = [
-            batches(len(trains[m]), cfg.batch_size, rngs[m], lengths[m], blocks[m]) for m in alive
+            batches(len(t), cfg.batch_size, self.rngs[m], self.lengths[m], self.blocks[m])
+            for m, t in ((m, self.trains[m]) for m in alive)
         ]
         total = torch.zeros(len(alive), device=device)  # (S,) summed loss x rows
         for k in range(max(len(p) for p in plans)):
             local = [p[k] if k < len(p) else None for p in plans]  # slot -> its k-th batch
             rows, real = _padded(local, max(len(r) for r in local if r is not None))  # (S, B)
-            rows = rows + offsets[alive][:, None]
-            inputs = _stacked(joined, rows, modalities=modalities, tokens=tokens, device=device)
+            rows = rows + self.offsets[alive][:, None]
+            inputs = _stacked(self.joined, rows, **self.inputs)
             real_t = torch.from_numpy(real).to(device)
             loss = _member_losses(
-                stack(inputs, train=True),
-                y[torch.from_numpy(rows).to(device)],
+                self.stack(inputs, train=True),
+                self.y[torch.from_numpy(rows).to(device)],
                 real_t,
-                weights[alive],
+                self.weights[alive],
             )  # (S,)
-            for p in stack.params.values():
+            for p in self.stack.params.values():
                 p.grad = None
             loss.sum().backward()  # members share no weight: each gets its own loss's gradient
             if cfg.grad_clip:
-                _clip_per_member(list(stack.params.values()), cfg.grad_clip)
-            opt.step(real_t.any(dim=1))
+                _clip_per_member(list(self.stack.params.values()), cfg.grad_clip)
+            self.opt.step(real_t.any(dim=1))
             total += loss.detach() * real_t.sum(dim=1)
-        val_logits = _val_logits(
-            stack,
-            val_joined,
-            val_offsets,
-            {slot: vals[m] for slot, m in enumerate(alive) if has_val[m]},
-            {slot: val_lengths[m] for slot, m in enumerate(alive)},
-            batch_size=cfg.eval_batch_size,
-            modalities=modalities,
-            tokens=tokens,
-            device=device,
-            alive=alive,
+        return [float(total[s]) / max(len(self.trains[m]), 1) for s, m in enumerate(alive)]
+
+    def val_logits(self) -> dict[int, torch.Tensor]:
+        return _val_logits(
+            self.stack,
+            self.val_joined,
+            self.val_offsets,
+            {slot: self.vals[m] for slot, m in enumerate(self.alive) if m in self.vals},
+            {slot: self.val_lengths[m] for slot, m in enumerate(self.alive)},
+            batch_size=self.cfg.eval_batch_size,
+            alive=self.alive,
+            **self.inputs,
         )
-        stopped = []
-        for slot, m in enumerate(alive):
-            record = {"epoch": epoch, "train_loss": float(total[slot]) / max(len(trains[m]), 1)}
-            y_val = torch.as_tensor(vals[m].label, dtype=torch.long) if has_val[m] else None
-            w_val = weights[m] if cfg.class_weights else None
-            record.update(val_scores(val_logits.get(slot), y_val, w_val, n_classes))
-            histories[m].append(record)
-            improved, stop = stoppers[m].update(record, cfg.monitor)
-            if improved:
-                best[m] = stack.state(slot)
-            if stop or epoch == cfg.epochs:
-                stopped.append(slot)
-            bar.update(1)
-        for slot in stopped:
-            if best[alive[slot]] is None:  # never improved (NaN scores): its last weights
-                best[alive[slot]] = stack.state(slot)
-        if len(stopped) == len(alive):
-            break
-        if stopped:
-            keep = torch.tensor([s for s in range(len(alive)) if s not in stopped], device=device)
-            alive = [alive[s] for s in keep.tolist()]
-            stack.keep(keep)
-            opt.keep(keep, list(stack.params.values()))
-    bar.close()
-    seconds = (time.perf_counter() - start) / M
-    for m, (head, module) in enumerate(zip(heads, modules)):
-        module.load_state_dict(best[m])
-        result = TrainResult(best_epoch=stoppers[m].best_epoch, history=histories[m])
-        head.fitted(
-            module,
-            result,
-            train_time=seconds,
-            device=device,
-            modalities=modalities,
-            dims=dims,
-            classes=trains[m].classes,
-        )
-    return list(heads)
+
+    def state(self, slot: int) -> dict[str, torch.Tensor]:
+        return self.stack.state(slot)
+
+    def drop(self, slots: list[int]) -> None:
+        keep = [s for s in range(len(self.alive)) if s not in slots]
+        self.alive = [self.alive[s] for s in keep]
+        kept = torch.tensor(keep, device=self.inputs["device"])
+        self.stack.keep(kept)
+        self.opt.keep(kept, list(self.stack.params.values()))
+
+    def epoch_done(self, epoch: int, records: list[dict[str, float]]) -> None:
+        self.bar.update(len(records))
 
 
 def _member_losses(

@@ -1,31 +1,21 @@
-"""Non-torch heads on pooled features: LightGBM and logistic regression.
+"""Estimator heads on pooled features: LightGBM and logistic regression.
 
 Both read the pooled vector of every modality the FeatureSet has, concatenated
-([text; image], float32), and follow the scikit-learn estimator habits: keyword-only
-hyperparameters stored as given, fit(train, val) -> self, fitted state ending in `_`.
+([text; image], float32), and implement the head contract (fuse/head.py) as scikit-learn
+estimators do: keyword-only hyperparameters stored as given, fit(train, val) -> self, fitted
+state ending in `_`; fuse.head.BaseHead saves and loads them.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fusebench.fuse._util import DamagedModelError
 from fusebench.fuse.features import FeatureSet, check_inputs
-from fusebench.fuse.registry import (
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    SHARE,
-    Bound,
-    check_params,
-    register_head,
-)
-from sklearn.exceptions import NotFittedError
+from fusebench.fuse.head import BaseHead, register_head
+from fusebench.fuse.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, SHARE, Bound
 
 
 def pooled_matrix(fs: FeatureSet, modalities: tuple[str, ...]) -> np.ndarray:
@@ -40,55 +30,18 @@ def full_proba(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarra
     return out
 
 
-class PooledEstimator:
-    """Shared plumbing: input checks, run-wide options, predict_proba, save."""
+class PooledEstimator(BaseHead):
+    """Estimator heads on the concatenated pooled vectors of whichever modalities the feature
+    set has: fuse.head.BaseHead (from_config, get_config, save, load) plus their input check,
+    predict_proba over the classes seen in training, and the fitted state they share."""
 
-    kind = "joblib"
-    modalities: tuple[str, ...] = ("text", "image")
     require = "any"  # uses whichever modalities the feature set has
-    registry_name = ""
-    needs_tokens = False  # the estimator-side answer (TorchClassifier has the same attribute)
     choices = {"class_weight": (None, "balanced")}
-
-    @classmethod
-    def uses_tokens(cls, params: dict[str, Any]) -> bool:
-        return False
-
-    @classmethod
-    def from_config(
-        cls,
-        params: dict[str, Any],
-        *,
-        seed: int,
-        epochs: int | None = None,  # torch heads only; boosting rounds are n_estimators
-        device: str | None = None,  # these run on the CPU
-        class_weights: bool | None = None,
-    ) -> PooledEstimator:
-        params = dict(params)
-        if class_weights is not None:
-            params["class_weight"] = "balanced" if class_weights else None
-        params = check_params(cls, params, cls.registry_name, skip=("seed",))
-        return cls(**params, seed=seed)
-
-    @property
-    def name(self) -> str:
-        return self.registry_name
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(seed={self.seed})"
-
-    def get_config(self) -> dict[str, Any]:
-        params = {k: v for k, v in vars(self).items() if not k.endswith("_") and k != "seed"}
-        return {"head": self.name, "params": params, "seed": self.seed}
 
     def _inputs(self, fs: FeatureSet) -> tuple[str, ...]:
         return check_inputs(
             fs, head=self.name, modalities=self.modalities, require=self.require, tokens=False
         )
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "model_"):
-            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
 
     def predict_proba(self, rows: FeatureSet) -> np.ndarray:
         """(n, C) class probabilities for every row of `rows`, in order."""
@@ -98,50 +51,11 @@ class PooledEstimator:
         proba = self.model_.predict_proba(pooled_matrix(rows, self.modalities_))
         return full_proba(proba, self.seen_, len(self.classes_))
 
-    def save(self, folder: str | Path) -> None:
-        """folder/model.joblib (the fitted estimator) + folder/head.json (what it is)."""
-        import joblib
-
-        self._check_fitted()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self, folder / "model.joblib")
-        meta = {
-            "kind": self.kind,
-            **self.get_config(),
-            "modalities": list(self.modalities_),
-            "classes": list(self.classes_),
-            "needs_tokens": False,
-            "best_iteration": self.best_iteration_,
-            "n_params": self.n_params_,
-        }
-        (folder / "head.json").write_text(json.dumps(meta, indent=2, default=str))
-
-    @classmethod
-    def load(cls, folder: str | Path, **_: Any) -> PooledEstimator:
-        """The estimator saved by save(); a missing or damaged file is a DamagedModelError."""
-        import joblib
-
-        path = Path(folder) / "model.joblib"
-        try:
-            model = joblib.load(path)
-        except Exception as e:  # unpickling a truncated file raises almost any kind
-            what = " ".join(str(e).split())[:160]
-            raise DamagedModelError(
-                f"{path} cannot be loaded ({type(e).__name__}: {what}); it is missing or "
-                "damaged — rerun the `fusebench fuse` or `compare` command that made the run"
-            ) from None
-        if not isinstance(model, PooledEstimator) or not hasattr(model, "model_"):
-            raise DamagedModelError(
-                f"{path} holds {type(model).__name__}, not a fitted fusebench head; rerun the "
-                "`fusebench fuse` or `compare` command that made the run"
-            )
-        return model
-
     def _fitted(self, train: FeatureSet, modalities: tuple[str, ...], start: float) -> None:
         self.train_time_ = time.perf_counter() - start
         self.modalities_ = modalities
         self.classes_ = tuple(train.classes)
+        self.history_ = []  # no epochs
 
 
 @register_head("logreg")
@@ -150,6 +64,7 @@ class LogRegHead(PooledEstimator):
 
     It has no epochs to choose: `val` is accepted for the common interface and not used."""
 
+    params_meaning = "coefficients + intercepts"
     bounds = {"C": POSITIVE, "max_iter": POSITIVE_INT}
 
     def __init__(
@@ -200,6 +115,8 @@ class LightGBMHead(PooledEstimator):
 
     n_params_ counts tree nodes (split thresholds + leaf values) up to the best iteration."""
 
+    params_meaning = "tree nodes (split thresholds + leaf values) up to the best iteration"
+    iteration_param = "n_estimators"  # best_iteration_: the best boosting round
     bounds = {
         "n_estimators": POSITIVE_INT,
         "learning_rate": POSITIVE,

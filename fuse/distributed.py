@@ -2,7 +2,8 @@
 
 Every rank runs the same checks, loads the same caches and computes the same folds (all
 deterministic), then fits its share of the grid's cells: a cell (all its folds × seeds) stays
-whole on one rank, because its fits may train as one batched model. Cells go to ranks by a
+whole on one rank, because its fits may train as one batched model, and so do cells that share
+one fit (byte-identical inputs, fuse.grid.shared_fits). Cells go to ranks by a
 fixed greedy split on an estimated cost (`assign`), and every fit is seeded by its own
 (seed, fold) only, so which rank fits a cell never changes its numbers.
 
@@ -14,8 +15,10 @@ process does.
 
 No rank is ever left waiting: each rank runs the checks before training alone, before any
 collective; from then on a rank that fails still takes part in every collective, carrying its
-exception, so every rank stops with one line (its own error, else the lowest failed rank's as
-`rank r: <line>`) and the staged folder is removed. Only small Python objects cross between
+exception, so every rank stops (with its own error, else the lowest failed rank's as
+`rank r: <line>`) and the staged folder is removed. Rank 0 prints that one line; the others
+exit with the same code and print nothing (said_by_rank_0), so the terminal torchrun shares
+shows it once. Only small Python objects cross between
 ranks (cache.ranks: gloo), never features.
 
 Outside torchrun (WORLD_SIZE unset or 1) every function here is the single-process identity:
@@ -24,6 +27,7 @@ all cells on rank 0, no collective, the spec's device as given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -35,8 +39,9 @@ from fusebench.cache import ranks
 from fusebench.fuse._util import OutputError, StagedRunDir
 
 if TYPE_CHECKING:
-    from fusebench.fuse.experiment import HeadRun
     from fusebench.fuse.grid import Cell, GridSpec
+
+HeadRun = Any  # a fit's record (fuse.experiment.HeadRun): here, anything with `.cell`
 
 __all__ = [
     "SharedRunDir",
@@ -46,7 +51,7 @@ __all__ = [
     "estimated_cost",
     "follower_line",
     "is_lead",
-    "my_cells",
+    "my_fits",
     "rank_spec",
     "split_note",
 ]
@@ -57,9 +62,7 @@ TOKEN_COST = 8.0  # a token head's fit vs a pooled one's (cross_attn dominates a
 def estimated_cost(cell: Cell) -> float:
     """A cell's relative cost, for balancing only (it never changes a number): token heads
     (attention over every token) cost several pooled or classical fits."""
-    from fusebench.fuse.registry import head_needs_tokens
-
-    return TOKEN_COST if head_needs_tokens(cell.head, cell.overrides) else 1.0
+    return TOKEN_COST if cell.config.tokens else 1.0
 
 
 def assign(costs: Sequence[float], n_ranks: int) -> list[list[int]]:
@@ -74,11 +77,15 @@ def assign(costs: Sequence[float], n_ranks: int) -> list[list[int]]:
     return [sorted(s) for s in share]  # each rank fits its cells in grid order
 
 
-def my_cells(cells: Sequence[Cell]) -> tuple[list[Cell], list[list[int]]]:
-    """This rank's cells (all of them outside torchrun) and the whole split."""
+def my_fits(
+    fits: Sequence[Sequence[Cell]],
+) -> tuple[list[Sequence[Cell]], list[int]]:
+    """This rank's fits (cells grouped by fit, fuse.grid.shared_fits: a group stays whole on
+    one rank; all of them outside torchrun) and how many cells each rank reports."""
     rank, size = ranks.world()
-    share = assign([estimated_cost(c) for c in cells], size)
-    return [cells[i] for i in share[rank]], share
+    share = assign([estimated_cost(group[0]) for group in fits], size)
+    counts = [sum(len(fits[i]) for i in mine) for mine in share]
+    return [fits[i] for i in share[rank]], counts
 
 
 def is_lead() -> bool:
@@ -92,13 +99,14 @@ def follower_line(n_cells: int) -> str:
     return f"rank {rank} of {size}: fitted {n_cells} cell(s) into the run rank 0 wrote"
 
 
-def split_note(share: list[list[int]], n_cells: int) -> str | None:
-    """'rank 0 of 2: 3 of 5 cells (the bar shows these); rank 1: 2' — None outside torchrun."""
+def split_note(counts: list[int], n_cells: int) -> str | None:
+    """'rank 0 of 2: 3 of 5 cells (the bar shows these); rank 1: 2' — None outside torchrun.
+    counts: the cells each rank reports (my_fits)."""
     rank, size = ranks.world()
     if size == 1:
         return None
-    others = ", ".join(f"rank {r}: {len(s)}" for r, s in enumerate(share) if r != rank)
-    mine = f"rank {rank} of {size}: {len(share[rank])} of {n_cells} cells"
+    others = ", ".join(f"rank {r}: {n}" for r, n in enumerate(counts) if r != rank)
+    mine = f"rank {rank} of {size}: {counts[rank]} of {n_cells} cells"
     return f"{mine} (the bar shows these); {others}"
 
 
@@ -119,6 +127,30 @@ def rank_spec(spec: GridSpec) -> GridSpec:
 # ---------------------------------------------------------------- failures travel too
 
 
+class RankLostError(OutputError):
+    """A collective failed because another rank is gone (killed, out of memory, a lost
+    node): gloo's "Connection closed by peer". One line; torchrun's summary names the rank."""
+
+
+def _collective(op: Callable[..., Any], *args: Any) -> Any:
+    """ranks.<op>(*args), with a rank that vanished mid-run turned into RankLostError."""
+    try:
+        return op(*args)
+    except RuntimeError as e:  # gloo: "Connection closed by peer", "Connection reset", timeouts
+        cause = " ".join(str(e).split())[:100]
+        raise RankLostError(
+            f"rank {ranks.world()[0]}: another rank of this torchrun stopped (killed or "
+            f"crashed; torchrun's summary names it): {cause}; nothing was kept, rerun the command"
+        ) from None
+
+
+def _tell_others(outcome: Any) -> None:
+    """Rank 0 broadcasts how the run folder ended; a rank that is gone no longer needs to know
+    (rank 0's own outcome stands)."""
+    with contextlib.suppress(RankLostError):
+        _collective(ranks.broadcast, outcome)
+
+
 def _portable(e: BaseException) -> BaseException:
     """e itself when it survives pickling (ValueError, CacheError, OutputError do), else a
     RuntimeError carrying its one line."""
@@ -129,17 +161,29 @@ def _portable(e: BaseException) -> BaseException:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
+SAID_BY_RANK_0 = "fusebench_said_by_rank_0"  # attribute of an error rank 0 reports too
+
+
+def said_by_rank_0(e: BaseException) -> BaseException:
+    """Marks `e` as an error rank 0 also raises (it passed through a collective), so the
+    command line prints it once, on rank 0, not once per rank (cli: _run_stage_two)."""
+    if ranks.is_distributed():
+        setattr(e, SAID_BY_RANK_0, True)
+    return e
+
+
 def _raise_first(errors: Sequence[BaseException | None], own: BaseException | None) -> None:
     """Raise this rank's own error, else the lowest failed rank's, its line prefixed with
-    `rank r: ` as extraction's are; nothing when no rank failed."""
+    `rank r: ` as extraction's are; nothing when no rank failed. Every rank then knows every
+    rank's error, so rank 0 has the line to print."""
     if own is not None:
-        raise own
+        raise said_by_rank_0(own)
     for r, e in enumerate(errors):
         if e is None:
             continue
         if len(e.args) == 1 and isinstance(e.args[0], str):
             e.args = (f"rank {r}: {e.args[0]}",)
-        raise e
+        raise said_by_rank_0(e)
 
 
 def agree(run: Callable[[], Any]) -> Any:
@@ -154,7 +198,7 @@ def agree(run: Callable[[], Any]) -> Any:
             raise
         own = e
     if ranks.is_distributed():
-        _raise_first(ranks.all_gather(None if own is None else _portable(own)), own)
+        _raise_first(_collective(ranks.all_gather, None if own is None else _portable(own)), own)
     return value
 
 
@@ -170,10 +214,10 @@ def collect(fit_mine: Callable[[], list[HeadRun]], cells: Sequence[Cell]) -> lis
     except Exception as e:
         own = e
         mine = _portable(e)
-    parts = ranks.gather(mine)
+    parts = _collective(ranks.gather, mine)
     if parts is None:  # not rank 0: rank 0 says how it ended when the run folder closes
         if own is not None:
-            raise own
+            raise said_by_rank_0(own)
         return None
     _raise_first([p if isinstance(p, BaseException) else None for p in parts], own)
     order = {c.id: i for i, c in enumerate(cells)}
@@ -211,9 +255,9 @@ class SharedRunDir:
                 made = (self.staged.path, self.staged.final)
             except Exception as e:
                 made = _portable(e)
-        made = ranks.broadcast(made)
+        made = _collective(ranks.broadcast, made)
         if isinstance(made, BaseException):
-            raise made
+            raise said_by_rank_0(made)
         self.path, self.final = made
 
         def visible() -> None:
@@ -237,15 +281,20 @@ class SharedRunDir:
             self.path = self.staged.path
             return out
         if self.rank != 0:
-            ended = ranks.broadcast(None)
+            try:
+                ended = _collective(ranks.broadcast, None)
+            except RankLostError:
+                if exc is None:
+                    raise
+                return False  # this rank's own error goes on
             if exc is None and isinstance(ended, BaseException):
-                raise ended
+                raise said_by_rank_0(ended)
             return False  # this rank's own error, if any, goes on
         try:
             self.staged.__exit__(exc_type, exc, tb)  # an OSError comes back as OutputError
-        except Exception as e:
-            ranks.broadcast(_portable(e))
+        except BaseException as e:
+            _tell_others(_portable(e))
             raise
-        ranks.broadcast(None if exc is None else _portable(exc))
+        _tell_others(None if exc is None else _portable(exc))
         self.path = self.staged.path
         return False

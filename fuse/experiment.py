@@ -24,32 +24,35 @@ place (fuse._util.StagedRunDir), so a folder without `.tmp` is always a finished
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import fusebench.fuse.distributed as distributed
 import numpy as np
 import yaml
-from fusebench.fuse._util import note, plain, versions
+from fusebench.fuse._util import few, note, plain, versions
+from fusebench.fuse.bank import describe_common_rows, pooled_digest, rows_digest, trained_rows
 from fusebench.fuse.features import FeatureSet, check_inputs
 from fusebench.fuse.grid import (
     Cell,
     FeatureBank,
     GridSpec,
     check_seeds,
-    describe_common_rows,
+    describe_replayed_caches,
     load_bank,
     parse_heads,
     resolve_settings,
+    shared_fits,
 )
+from fusebench.fuse.head import FitsTogether, Head, fit_history, fit_label
 from fusebench.fuse.metrics import aggregate, score
 from fusebench.fuse.protocol import Fold, StratifiedProtocol
-from fusebench.fuse.registry import build_head, get_head, head_needs_tokens
+from fusebench.fuse.registry import HeadConfig, resolve_head
 from fusebench.fuse.report import write_csv
 
 __all__ = [
@@ -85,7 +88,19 @@ class HeadRun:
     history: list = field(default_factory=list)  # torch: [{epoch, train_loss, val_loss, ...}]
     cell: str = ""  # the cell id (run_grid)
     model_dir: str | None = None  # where the fitted model was saved, relative to the run
-    n_params_meaning: str = ""  # what n_params counts for this head
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run's numbers were computed from: the spec, the bank, the cells (grouped by fit
+    in `fits`: shared_fits), the folds and the seeds."""
+
+    spec: GridSpec
+    bank: FeatureBank
+    cells: Sequence[Cell]
+    fits: Sequence[Sequence[Cell]]
+    folds: Sequence[Fold]
+    seeds: Sequence[int]
 
 
 @dataclass
@@ -163,7 +178,7 @@ class FitProgress:
 
 
 def evaluate_head(
-    name: str,
+    head: str | HeadConfig,
     fs: FeatureSet,
     folds: Sequence[Fold],
     seeds: Sequence[int],
@@ -178,119 +193,77 @@ def evaluate_head(
     save: Callable[[int, int], Path] | None = None,
     one_at_a_time: bool = False,
 ) -> list[HeadRun]:
-    """Fits head `name` once per (seed, fold): on fold.fit, early-stopped on fold.inner_val,
-    then scores fold.scored — rows it has not seen before.
+    """Fits a head once per (seed, fold): on fold.fit, early-stopped on fold.inner_val, then
+    scores fold.scored — rows it has not seen before.
 
-    Torch heads train every (seed, fold) fit together as one stacked model (fuse.batched:
-    each fit keeps its own rows, data order, early stopping and best weights);
-    one_at_a_time=True fits them one after another (the baseline), as do non-torch heads.
-    progress: told when each fit starts and ends (its bar or log line, named `label`, default
-    the head); it also decides whether the head's own epoch bar shows. save(seed, fold): the
-    folder each fitted model is saved to (none: the models are dropped)."""
-    runs: list[HeadRun] = []
+    head: a resolved head (a grid cell's config), or a name resolved here with `overrides`
+    and the run-wide options. Heads with the FitsTogether capability (torch) train every
+    (seed, fold) fit together as one stacked model (fuse.batched: each fit keeps its own rows,
+    data order, early stopping and best weights); one_at_a_time=True fits them one after
+    another (the baseline), as every other head is. progress: told when each fit starts and
+    ends (its bar or log line, named `label`, default the head); it also decides whether the
+    head's own epoch bar shows. save(seed, fold): the folder each fitted model is saved to
+    (none: the models are dropped)."""
+    if isinstance(head, str):
+        options = {"epochs": epochs, "device": device, "class_weights": class_weights}
+        head = resolve_head(head, overrides, **options)
+    label = label or head.name
     if progress is not None:
         quiet = quiet or progress.inner_quiet
     pairs = [(seed, fold) for seed in seeds for fold in folds]
-    heads = [
-        build_head(
-            name,
-            seed=seed,
-            overrides=overrides,
-            epochs=epochs,
-            device=device,
-            class_weights=class_weights,
-        )
-        for seed, _ in pairs
-    ]
-    batched = not one_at_a_time and _fit_batched(
-        heads, fs, pairs, quiet=quiet, progress=progress, label=label or name
-    )
-    for (seed, fold), head in zip(pairs, heads):
+    heads = [head.build(seed) for seed, _ in pairs]
+    together = not one_at_a_time and _fit_together(heads, fs, pairs, quiet, progress, label)
+    runs: list[HeadRun] = []
+    for (seed, fold), est in zip(pairs, heads):
         if progress is not None:
-            progress.start(label or name, seed, fold.index)
-        start = time.perf_counter() - (head.train_time_ if batched else 0.0)
-        if not batched:
-            # torch heads label their epoch bar with the fit (cell, seed, fold); the
-            # registry contract is fit(train, val, quiet=): only heads taking `desc` get it
-            desc = {"desc": progress.where} if progress is not None and _takes_desc(head) else {}
-            head.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet, **desc)
-        scored = fs.take(fold.scored)
-        proba = head.predict_proba(scored)  # (n_scored, C)
-        metrics = score(scored.label, proba, fs.classes)
-        metrics.update(
-            seed=seed,
-            fold=fold.index,
-            train_time_s=float(head.train_time_),
-            n_params=int(head.n_params_),
-            best_iteration=head.best_iteration_,
-        )
-        run = HeadRun(name, seed, fold.index, metrics, fold.scored, proba)
-        run.history = list(getattr(head, "history_", None) or [])
-        run.n_params_meaning = params_meaning(head)
+            progress.start(label, seed, fold.index)
+        start = time.perf_counter() - (est.train_time_ if together else 0.0)
+        if not together:
+            with fit_label(progress.where if progress is not None else None):
+                est.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet)
+        run = scored_run(head.name, est, fs, seed, fold)
         if save is not None:
             folder = save(seed, fold.index)
-            head.save(folder)
+            est.save(folder)
             run.model_dir = str(folder)
         runs.append(run)
         if progress is not None:
-            progress.finish(metrics["macro_f1"], time.perf_counter() - start)
+            progress.finish(run.metrics["macro_f1"], time.perf_counter() - start)
     return runs
 
 
-def _takes_desc(head: Any) -> bool:
-    return "desc" in inspect.signature(head.fit).parameters
+def scored_run(name: str, head: Head, fs: FeatureSet, seed: int, fold: Fold) -> HeadRun:
+    """A fitted head scored on fold.scored: its scores, cost and per-epoch history."""
+    scored = fs.take(fold.scored)
+    proba = head.predict_proba(scored)  # (n_scored, C)
+    metrics = score(scored.label, proba, fs.classes)
+    metrics.update(
+        seed=seed,
+        fold=fold.index,
+        train_time_s=float(head.train_time_),
+        n_params=int(head.n_params_),
+        best_iteration=head.best_iteration_,
+    )
+    return HeadRun(name, seed, fold.index, metrics, fold.scored, proba, fit_history(head))
 
 
-def _fit_batched(
-    heads: Sequence[Any],
+def _fit_together(
+    heads: Sequence[Head],
     fs: FeatureSet,
     pairs: Sequence[tuple[int, Fold]],
-    *,
     quiet: bool,
     progress: FitProgress | None,
     label: str,
 ) -> bool:
-    """Fits `heads` (one per (seed, fold) of `pairs`) together when they are torch heads
-    that vmap can run (fuse.batched); False (nothing fitted) when they are to be fitted one
-    at a time: non-torch heads, a single fit, or a module vmap refuses (with a note)."""
-    from fusebench.fuse import batched
-
-    if not batched.can_batch(heads):
-        return False
-    if heads[0].needs_tokens and not batched.BATCH_TOKEN_HEADS:
-        note(
-            f"{label}: its {len(heads)} fits are trained one at a time ({batched.TOKEN_HEADS_NOTE})"
-        )
+    """Fits `heads` (one per (seed, fold) of `pairs`) as one when their head can
+    (FitsTogether); False, nothing fitted, when they are to be fitted one at a time."""
+    if len(heads) < 2 or not isinstance(heads[0], FitsTogether):
         return False
     if progress is not None:
         progress.start(label, pairs[0][0], pairs[0][1].index)
-    try:
-        batched.fit_together(
-            heads,
-            [fs.take(fold.fit) for _, fold in pairs],
-            [fs.take(fold.inner_val) for _, fold in pairs],
-            quiet=quiet,
-            desc=f"{label}: {len(heads)} fits together",
-        )
-    except batched.NotBatchable as e:
-        note(f"{label}: its {len(heads)} fits are trained one at a time ({e})")
-        return False
-    return True
-
-
-PARAMS_MEANING = {  # what n_params counts, for heads that are not torch modules
-    "lightgbm": "tree nodes (split thresholds + leaf values) up to the best iteration",
-    "logreg": "coefficients + intercepts",
-}
-
-
-def params_meaning(head: Any) -> str:
-    """What a head's n_params_ counts: trainable weights for torch heads, nodes for trees."""
-    if meaning := getattr(head, "n_params_meaning", None):
-        return str(meaning)
-    if getattr(head, "kind", "") == "torch":
-        return "trainable weights"
-    return PARAMS_MEANING.get(getattr(head, "name", ""), "as counted by the estimator")
+    trains = [fs.take(fold.fit) for _, fold in pairs]
+    vals = [fs.take(fold.inner_val) for _, fold in pairs]
+    return type(heads[0]).fit_together(heads, trains, vals, quiet=quiet, label=label)
 
 
 # ---------------------------------------------------------------- the grid
@@ -299,36 +272,18 @@ def params_meaning(head: Any) -> str:
 def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -> RunResult:
     """Every cell of `spec` × folds × seeds -> `<out>/<stamp>-<name>/` (see the module
     docstring). Fails before any training on a bad head, hyperparameter, seed, device,
-    cache, split or output folder.
+    cache, split or output folder. Cells whose inputs are byte-identical are fitted once
+    and reported under each id (fuse.grid.shared_fits).
 
-    Under torchrun the ranks split the cells (fuse.distributed): every rank checks, loads
+    Under torchrun the ranks split the fits (fuse.distributed): every rank checks, loads
     and splits alike, fits its share into the one staged folder, and rank 0 writes the run
     from every rank's fits, as one process would; the other ranks get the same folder and
     results, with a one-line table saying what they fitted."""
-    from fusebench.fuse import distributed
-
-    def prepare() -> tuple:  # every check before training; no collective inside
-        seeds = check_seeds(spec.seeds)
-        cells, params = plan(spec)
-        bank = load_bank(
-            spec.features,
-            cells,
-            allow_stale=spec.allow_stale,
-            memory_budget=spec.memory_budget,
-        )
-        cells = runnable(spec, cells, bank)
-        for message in (bank.base.describe_excluded(), describe_common_rows(bank, cells)):
-            if message:
-                note(message)
-        if (msg := describe_unused_labelled(bank.base)) is not None:
-            note(msg)
-        return seeds, cells, params, bank, splits_of(bank.base, spec.protocol)
-
-    seeds, cells, params, bank, folds = distributed.agree(prepare)
-    mine, share = distributed.my_cells(cells)  # all cells outside torchrun
+    seeds, cells, bank, folds, fits = distributed.agree(lambda: prepare(spec))
+    mine, share = distributed.my_fits(fits)  # all fits outside torchrun
     if (msg := distributed.split_note(share, len(cells))) is not None:
         note(msg)
-    fit_spec = distributed.rank_spec(spec)  # cuda:LOCAL_RANK under torchrun on GPUs
+    device = distributed.rank_spec(spec).device  # cuda:LOCAL_RANK under torchrun on GPUs
     name = cells[0].head if spec.command == "fuse" else "compare"
     total = len(mine) * len(folds) * len(seeds)
     lead = distributed.is_lead()  # only rank 0 shows a bar (its own fits)
@@ -339,20 +294,65 @@ def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -
 
         def fit_mine() -> list[HeadRun]:
             runs = []
-            for cell in mine:
-                runs += fit_cell(fit_spec, cell, bank, folds, seeds, run.path, progress, quiet)
-            return runs
+            for group in mine:
+                group = [on_device(cell, device) for cell in group]
+                runs += fit_group(spec, group, folds, seeds, run.path, progress, quiet)
+            order = {c.id: i for i, c in enumerate(cells)}
+            return sorted(runs, key=lambda r: order[r.cell])  # grid order; stable
 
         runs = distributed.collect(fit_mine, cells)  # None on ranks other than 0
         if runs is not None:
-            results = write_run(run.path, spec, bank, cells, params, folds, seeds, runs)
+            inputs = RunInputs(spec, bank, cells, fits, folds, seeds)
+            results = write_run(run.path, inputs, runs)
     if runs is None:
         results = json.loads((run.final / "results.json").read_text())
-        table = distributed.follower_line(len(mine))
+        table = distributed.follower_line(sum(len(g) for g in mine))
         return RunResult(run_dir=run.final, results=results, table=table)
     from fusebench.fuse.report import cells_table
 
     return RunResult(run_dir=run.final, results=results, runs=runs, table=cells_table(results))
+
+
+def prepare(spec: GridSpec) -> tuple:
+    """Every check before training, on every rank alike (no collective inside): (seeds,
+    cells with their features, the bank, folds, the cells grouped by fit)."""
+    seeds = check_seeds(spec.seeds)
+    cells = plan(spec)
+    bank = load_bank(
+        spec.features, cells, allow_stale=spec.allow_stale, memory_budget=spec.memory_budget
+    )
+    cells = runnable(spec, cells, bank)
+    fits = shared_fits(cells)
+    for message in (
+        bank.base.describe_excluded(),
+        describe_common_rows(bank, cells),
+        describe_replayed_caches(spec, bank),
+        describe_unused_labelled(bank.base),
+        describe_shared(fits),
+    ):
+        if message:
+            note(message)
+    return seeds, cells, bank, splits_of(bank.base, spec.protocol), fits
+
+
+def describe_shared(fits: Sequence[Sequence[Cell]]) -> str | None:
+    """A note naming the cells that share a fit (byte-identical inputs); None when none do."""
+    shared = [f"{', '.join(c.id for c in g[1:])} as {g[0].id}" for g in fits if len(g) > 1]
+    if not shared:
+        return None
+    return (
+        "cells that read byte-identical inputs (equal array digests in their caches) are "
+        f"fitted once and reported under each name: {few(shared, 4)}"
+    )
+
+
+def on_device(cell: Cell, device: str) -> Cell:
+    """The cell built for this rank's device (distributed.rank_spec), unless the cell sets
+    its own train.device (its options then hold None for it)."""
+    own = cell.config.options.get("device")
+    if own is None or own == device:
+        return cell
+    return replace(cell, config=cell.config.with_options(device=device))
 
 
 def run_compare(*, out: str | Path = "runs", quiet: bool = False, **settings: Any) -> RunResult:
@@ -382,32 +382,23 @@ def settings_yaml(spec: GridSpec) -> str:
     return yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True)
 
 
-def plan(spec: GridSpec) -> tuple[list[Cell], dict[str, dict]]:
-    """The grid's cells (notes for those skipped or shared) and each cell's resolved
-    hyperparameters; builds every (head, variant) once, so a bad hyperparameter or device
-    fails before any cache is read."""
+def plan(spec: GridSpec) -> list[Cell]:
+    """The grid's cells, each resolved once (notes for those skipped or shared); builds every
+    cell's head once (HeadConfig.prototype), so a bad hyperparameter or device fails before
+    any cache is read."""
     cells, skipped, shared = spec.cells()
     _refuse_missing_heads(spec, cells, skipped)
-    params = {}
     for cell in cells:
-        head = build_head(
-            cell.head,
-            overrides=cell.overrides,
-            epochs=spec.epochs,
-            device=spec.device,
-            class_weights=spec.class_weights,
+        cell.config.prototype  # noqa: B018  (built and checked; kept for config.yaml)
+    overruled = [f"{c.id}: {', '.join(w)}" for c in cells if (w := spec.overruled(c))]
+    if overruled:
+        shared.append(
+            "a cell's own --set/--sweep value wins over the flag; trained as set: "
+            + few(overruled, 4)
         )
-        if getattr(head, "kind", "") == "torch":
-            from fusebench.fuse.trainer import resolve_device
-
-            resolve_device(head.train.device)
-        config = head.get_config()
-        params[cell.id] = dict(config["params"])
-        if "train" in config:  # torch heads: how they are trained
-            params[cell.id]["train"] = config["train"]
     for message in [f"skipping {cell.id}: {why}" for cell, why in skipped] + shared:
         note(message)  # only once every cell has passed its checks: an error stays one line
-    return cells, params
+    return cells
 
 
 def _refuse_missing_heads(
@@ -426,63 +417,63 @@ def _refuse_missing_heads(
 
 
 def runnable(spec: GridSpec, cells: list[Cell], bank: FeatureBank) -> list[Cell]:
-    """The cells whose features the caches hold (tokens for token heads): the others are
-    skipped with one note each (fuse, or a head named in --heads with no cell left: error)."""
+    """The cells whose features the caches hold (tokens for token heads), each with its
+    features (bank.cell_set); the others are skipped with one note each (fuse, or a head
+    named in --heads with no cell left: error)."""
     ok, skipped = [], []
     for cell in cells:
-        cls = get_head(cell.head)
+        fs, head = bank.cell_set(cell), cell.config
         try:
             check_inputs(
-                bank.cell_set(cell),
+                fs,
                 head=cell.head,
-                modalities=cls.modalities,
-                require=cls.require,
-                tokens=head_needs_tokens(cell.head, cell.overrides),
+                modalities=head.modalities,
+                require=head.require,
+                tokens=head.tokens,
             )
         except ValueError as e:
             skipped.append((cell, str(e)))
             continue
-        ok.append(cell)
+        ok.append(replace(cell, features=fs))
     _refuse_missing_heads(spec, ok, skipped)
     for cell, why in skipped:
         note(f"skipping {cell.id}: {why}")
     return ok
 
 
-def fit_cell(
+def fit_group(
     spec: GridSpec,
-    cell: Cell,
-    bank: FeatureBank,
+    cells: Sequence[Cell],
     folds: Sequence[Fold],
     seeds: Sequence[int],
     run_dir: Path,
     progress: FitProgress,
     quiet: bool,
 ) -> list[HeadRun]:
-    """One cell × folds × seeds, each fit's model saved to models/<slug>/seed<S>-fold<K>/."""
+    """Cells that share one fit (byte-identical inputs): the first is fitted × folds ×
+    seeds, each fit's model saved to models/<its slug>/seed<S>-fold<K>/; every other is
+    reported with those same fits (and models)."""
+    first = cells[0]
 
     def save(seed: int, fold: int) -> Path:
-        return run_dir / "models" / cell.slug / f"seed{seed}-fold{fold}"
+        return run_dir / "models" / first.slug / f"seed{seed}-fold{fold}"
 
     runs = evaluate_head(
-        cell.head,
-        bank.cell_set(cell),
+        first.config,
+        first.features,
         folds,
         seeds,
-        overrides=cell.overrides,
-        epochs=spec.epochs,
-        device=spec.device,
-        class_weights=spec.class_weights,
         quiet=quiet,
         progress=progress,
-        label=cell.id,
+        label=first.id,
         save=save,
         one_at_a_time=spec.one_at_a_time,
     )
     for r in runs:
-        r.cell = cell.id
+        r.cell = first.id
         r.model_dir = Path(r.model_dir).relative_to(run_dir).as_posix()
-    return runs
+    shared = [replace(r, cell=c.id, history=list(r.history)) for c in cells[1:] for r in runs]
+    return runs + shared
 
 
 def splits_of(fs: FeatureSet, protocol: StratifiedProtocol) -> list[Fold]:
@@ -524,22 +515,13 @@ def describe_unused_labelled(fs: FeatureSet) -> str | None:
 # ---------------------------------------------------------------- the run folder
 
 
-def write_run(
-    run_dir: Path,
-    spec: GridSpec,
-    bank: FeatureBank,
-    cells: Sequence[Cell],
-    params: dict[str, dict],
-    folds: Sequence[Fold],
-    seeds: Sequence[int],
-    runs: Sequence[HeadRun],
-) -> dict:
+def write_run(run_dir: Path, inputs: RunInputs, runs: Sequence[HeadRun]) -> dict:
     """Every file of the run folder but the models (saved as they were fitted); returns the
     results.json dict."""
-    fs = bank.base
+    fs = inputs.bank.base
     write_csv(run_dir / "val_predictions.csv", prediction_rows(runs, fs))
-    results = results_of(spec.protocol, fs.classes, cells, runs)
-    config = run_config(spec, bank, cells, params, folds, seeds, runs, results["ranking"])
+    results = results_of(inputs.spec.protocol, fs.classes, inputs.cells, runs)
+    config = run_config(inputs, runs, results["ranking"])
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     )
@@ -567,7 +549,7 @@ def results_of(
             "image": cell.image,
             "head": cell.head,
             "variant": cell.variant,
-            "n_params_meaning": mine[0].n_params_meaning,
+            "n_params_meaning": cell.config.prototype.params_meaning,
             "summary": aggregate([r.metrics for r in mine], classes),
         }
     ranking = sorted(out, key=lambda c: -out[c]["summary"]["macro_f1"]["mean"])  # stable
@@ -651,58 +633,66 @@ def prediction_rows(runs: Sequence[HeadRun], fs: FeatureSet) -> list[dict]:
     return rows
 
 
-def run_config(
-    spec: GridSpec,
-    bank: FeatureBank,
-    cells: Sequence[Cell],
-    params: dict[str, dict],
-    folds: Sequence[Fold],
-    seeds: Sequence[int],
-    runs: Sequence[HeadRun],
-    ranking: Sequence[str],
-) -> dict:
+def run_config(inputs: RunInputs, runs: Sequence[HeadRun], ranking: Sequence[str]) -> dict:
     """config.yaml: the replayable settings, then what the numbers were computed from."""
+    bank, cells = inputs.bank, inputs.cells
     fs = bank.base
-    settings = spec.settings()
+    settings = inputs.spec.settings()
     settings["heads"] = list(dict.fromkeys(c.head for c in cells))  # the heads that ran
-    settings["seeds"] = list(seeds)
-    labelled = fs.label[(fs.split == "train") & (fs.label >= 0)]
+    settings["seeds"] = list(inputs.seeds)
+    trained = trained_rows(fs)
+    fitted_as = {c.id: group[0].id for group in inputs.fits for c in group[1:]}
+    caches = {  # + per modality, a digest of the pooled features it was trained on (predict)
+        enc: {
+            **src,
+            "trained_digest": {
+                m: pooled_digest(bank.modalities[(m, enc)], trained) for m in src["modalities"]
+            },
+        }
+        for enc, src in bank.caches.items()
+    }
     return plain(
         {
             **settings,
             "created": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "caches": bank.caches,
+            "caches": caches,
             # cache file -> how its data changed since extraction; {} = every cache was fresh
             "stale_caches": fs.stale,
             "classes": list(fs.classes),
             "rows": {
                 "usable": len(fs),
                 "usable_in": "every cache of the run (all cells share these rows and folds)",
-                "labelled_train": len(labelled),
+                "labelled_train": len(trained),
+                # sha256 of the guids and classes of those rows, in order (report: same rows?)
+                "digest": rows_digest(fs, trained),
                 "labelled_unused": unused_labelled(fs),
                 "per_fold": [
                     {"fit": len(f.fit), "inner_val": len(f.inner_val), "scored": len(f.scored)}
-                    for f in folds
+                    for f in inputs.folds
                 ],
                 "excluded": [
                     {"guid": e.guid, "split": e.split, "reason": e.reason} for e in fs.excluded
                 ],
             },
             "versions": versions(),
-            "cells": {c.id: cell_entry(c, params[c.id], runs) for c in cells},
+            "cells": {c.id: cell_entry(c, runs, fitted_as.get(c.id)) for c in cells},
             "best_cell": ranking[0],
         }
     )
 
 
-def cell_entry(cell: Cell, params: dict, runs: Sequence[HeadRun]) -> dict:
+def cell_entry(cell: Cell, runs: Sequence[HeadRun], same_fit_as: str | None) -> dict:
+    """config.yaml's entry of a cell: what it reads, its resolved hyperparameters (what it
+    trained with), the cell whose fits it shares (byte-identical inputs), its fits."""
+    shared = {"same_fit_as": same_fit_as} if same_fit_as else {}
     return {
         "text": cell.text,
         "image": cell.image,
         "head": cell.head,
         "variant": cell.variant,
         "overrides": cell.overrides,
-        "params": params,
+        "params": cell.config.prototype.get_config()["params"],
+        **shared,
         "fits": [
             {
                 "seed": r.seed,

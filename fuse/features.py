@@ -8,6 +8,7 @@ that do not fit the memory budget stay in the file and are read in row blocks on
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +20,7 @@ from fusebench.cache import OK, FeatureStore, TokenFeatures
 from fusebench.cache.lazy import BlockCache, LazyRows, rows_per_block
 from fusebench.cache.naming import cache_file
 from fusebench.fuse._util import few, note
+from fusebench.fuse.streaming import plan_for
 
 MODALITIES = ("text", "image")
 
@@ -46,6 +48,9 @@ class Modality:
         True  # False: tokens were not loaded (whether or not the file has them)
     )
     held: dict = field(default_factory=dict, compare=False, repr=False)
+    # "pooled" / "tokens" / "mask" -> sha256 the cache recorded for that whole array: equal
+    # digests (and index) mean byte-identical inputs ({}: a cache older than its digests)
+    digests: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def streamed(self) -> bool:
@@ -276,8 +281,60 @@ def load_feature_set(
     _check_features_dir(features_dir)
     want_tokens = set(MODALITIES) if tokens is True else set(tokens or ())
     wanted = {m: enc for m, enc in (("text", text), ("image", image)) if enc is not None}
-    stores: dict[str, FeatureStore] = {}  # encoder -> store: each file read once
-    stale: dict[str, list[str]] = {}
+    _check_caches_exist(features_dir, wanted)
+    if stream is None:
+        pairs = [(enc, m) for m, enc in wanted.items()]
+        plan, block_cache = plan_for(features_dir, pairs, want_tokens, memory_budget)
+        stream = {m for (_, m) in plan}
+    stores, stale = {}, {}  # encoder -> store: each file read once
+    for encoder in dict.fromkeys(wanted.values()):
+        mods = [m for m, enc in wanted.items() if enc == encoder]
+        stores[encoder], lines = _open_store(
+            cache_path(features_dir, encoder),
+            mods,
+            want_tokens,
+            set(stream),
+            block_cache,
+            allow_stale=allow_stale,
+        )
+        if lines:
+            stale[cache_path(features_dir, encoder).name] = lines
+    return _joined({m: stores[enc] for m, enc in wanted.items()}, wanted, want_tokens, stale)
+
+
+def _joined(
+    stores: dict[str, FeatureStore],
+    wanted: dict[str, str],
+    want_tokens: set[str],
+    stale: dict[str, list[str]],
+) -> FeatureSet:
+    """The FeatureSet of the rows usable in every store (modality -> its store)."""
+    ref, index, keep, reasons = _usable_rows(stores)
+    return FeatureSet(
+        guid=ref.guid[keep],
+        split=ref.split[keep],
+        label=ref.label[keep].astype(np.int64),
+        classes=tuple(ref.classes),
+        text=_modality(stores, wanted, "text", index, keep, want_tokens),
+        image=_modality(stores, wanted, "image", index, keep, want_tokens),
+        excluded=tuple(
+            Excluded(str(ref.guid[i]), str(ref.split[i]), reasons[i]) for i in sorted(reasons)
+        ),
+        sources={
+            m: {
+                "encoder": enc,
+                "path": str(stores[m].path.resolve()),
+                "fingerprint": str(stores[m].attrs.get("fingerprint", "")),
+            }
+            for m, enc in wanted.items()
+        },
+        all_guid=ref.guid,
+        all_split=ref.split,
+        stale=stale,
+    )
+
+
+def _check_caches_exist(features_dir: Path, wanted: dict[str, str]) -> None:
     for encoder in dict.fromkeys(wanted.values()):
         path = cache_path(features_dir, encoder)
         if not path.is_file():
@@ -286,50 +343,54 @@ def load_feature_set(
                 f"no cache {path}; caches in {features_dir}: {', '.join(have) or 'none'} "
                 f"(extract it with `fusebench extract --encoder {encoder}`)"
             )
-    if stream is None:
-        from fusebench.fuse.streaming import plan_for
 
-        pairs = [(enc, m) for m, enc in wanted.items()]
-        plan, block_cache = plan_for(features_dir, pairs, want_tokens, memory_budget)
-        stream = {m for (_, m) in plan}
-    stream = set(stream)
-    for encoder in dict.fromkeys(wanted.values()):
-        path = cache_path(features_dir, encoder)
-        mods = [m for m, enc in wanted.items() if enc == encoder]
-        store = FeatureStore.open(
-            path,
-            modalities=mods,
-            tokens=bool(want_tokens & set(mods)),
-            # a shared file's tokens of the other modality are dropped below: never read them
-            stream=(stream & want_tokens & set(mods)) | (set(mods) - want_tokens),
-            block_cache=block_cache,
-        )
-        if lines := _freshness(store, allow_stale):
-            stale[path.name] = lines
-        stores[encoder] = store
-        for m in mods:
-            if getattr(store, m) is None:
-                present = [x for x in MODALITIES if _has_group(path, x)]
-                raise ValueError(
-                    f"{path} has no {m} features (it has: {', '.join(present) or 'none'}); "
-                    f"pass an encoder that stores {m} as --{m}"
-                )
-            if m not in want_tokens:  # a shared file may have loaded tokens for the other one
-                feats = getattr(store, m)
-                setattr(store, m, TokenFeatures(None, None, feats.pooled, feats.pooling))
-        _check_labels(store)
 
-    ref_mod = "text" if "text" in wanted else "image"
-    ref = stores[wanted[ref_mod]]
-    reasons: dict[int, str] = {}  # row of ref -> why it is left out
-    in_ref = [m for m in wanted if stores[wanted[m]] is ref]
-    ok, why = _usable(ref, in_ref)
-    reasons.update(why)
+def _open_store(
+    path: Path,
+    mods: list[str],
+    want_tokens: set[str],
+    stream: set[str],
+    block_cache: BlockCache | None,
+    *,
+    allow_stale: bool,
+) -> tuple[FeatureStore, list[str]]:
+    """One cache file opened for the modalities `mods` (tokens only for those in
+    want_tokens), checked fresh (or its changes, with allow_stale) and for labels."""
+    store = FeatureStore.open(
+        path,
+        modalities=mods,
+        tokens=bool(want_tokens & set(mods)),
+        # a shared file's tokens of the other modality are dropped below: never read them
+        stream=(stream & want_tokens & set(mods)) | (set(mods) - want_tokens),
+        block_cache=block_cache,
+    )
+    lines = _freshness(store, allow_stale)
+    for m in mods:
+        if getattr(store, m) is None:
+            present = [x for x in MODALITIES if _has_group(path, x)]
+            raise ValueError(
+                f"{path} has no {m} features (it has: {', '.join(present) or 'none'}); "
+                f"pass an encoder that stores {m} as --{m}"
+            )
+        if m not in want_tokens:  # a shared file may have loaded tokens for the other one
+            feats = getattr(store, m)
+            setattr(store, m, TokenFeatures(None, None, feats.pooled, feats.pooling))
+    _check_labels(store)
+    return store, lines
+
+
+def _usable_rows(
+    stores: dict[str, FeatureStore],
+) -> tuple[FeatureStore, dict[str, np.ndarray], np.ndarray, dict[int, str]]:
+    """(ref, modality -> (N,) row of its store per ref row, the ref rows kept, ref row ->
+    why it is left out). ref: the text store (else the image one); a row is kept when it is
+    usable in every store, joined by guid."""
+    ref = stores["text" if "text" in stores else "image"]
+    in_ref = [m for m, store in stores.items() if store is ref]
+    ok, reasons = _usable(ref, in_ref)
     index = {m: np.arange(len(ref), dtype=np.int64) for m in in_ref}
-    others = [m for m in wanted if m not in index]
-    if others:
-        (other_mod,) = others
-        other = stores[wanted[other_mod]]
+    for other_mod in [m for m in stores if m not in index]:
+        other = stores[other_mod]
         other_ok, other_why = _usable(other, [other_mod])
         rows = _join(ref, other, ok, other_ok)  # (N,) row of other per row of ref; -1 = none usable
         index[other_mod] = rows
@@ -339,47 +400,49 @@ def load_feature_set(
         for i in np.flatnonzero(ok & (rows < 0)).tolist():
             reasons[i] = other_why.get(first[ref.guid[i]], f"{other_mod} not usable")
         ok = ok & (rows >= 0)
-
     keep = np.flatnonzero(ok)
     if len(keep) == 0:
+        files = ", ".join(dict.fromkeys(str(s.path) for s in stores.values()))
         raise ValueError(
-            f"none of the {len(ref)} rows of {', '.join(str(s.path) for s in stores.values())} "
-            f"has usable features ({_common_reason(reasons)}); "
-            "see `fusebench cache info FILE` and extract again"
+            f"none of the {len(ref)} rows of {files} has usable features "
+            f"({_common_reason(reasons)}); see `fusebench cache info FILE` and extract again"
         )
-    modality = {
-        m: Modality(
-            name=m,
-            encoder=wanted[m],
-            path=stores[wanted[m]].path,
-            feats=getattr(stores[wanted[m]], m),
-            index=index[m][keep],
-            tokens_requested=m in want_tokens,
-        )
-        for m in wanted
-    }
-    return FeatureSet(
-        guid=ref.guid[keep],
-        split=ref.split[keep],
-        label=ref.label[keep].astype(np.int64),
-        classes=tuple(ref.classes),
-        text=modality.get("text"),
-        image=modality.get("image"),
-        excluded=tuple(
-            Excluded(str(ref.guid[i]), str(ref.split[i]), reasons[i]) for i in sorted(reasons)
-        ),
-        sources={
-            m: {
-                "encoder": wanted[m],
-                "path": str(stores[wanted[m]].path.resolve()),
-                "fingerprint": str(stores[wanted[m]].attrs.get("fingerprint", "")),
-            }
-            for m in wanted
-        },
-        all_guid=ref.guid,
-        all_split=ref.split,
-        stale=stale,
+    return ref, index, keep, reasons
+
+
+def _modality(
+    stores: dict[str, FeatureStore],
+    wanted: dict[str, str],
+    m: str,
+    index: dict[str, np.ndarray],
+    keep: np.ndarray,
+    want_tokens: set[str],
+) -> Modality | None:
+    if m not in stores:
+        return None
+    store = stores[m]
+    return Modality(
+        name=m,
+        encoder=wanted[m],
+        path=store.path,
+        feats=getattr(store, m),
+        index=index[m][keep],
+        tokens_requested=m in want_tokens,
+        digests=_array_digests(store, m),
     )
+
+
+def _array_digests(store: FeatureStore, m: str) -> dict[str, str]:
+    """The sha256 the cache recorded for each array of modality m (cache/integrity.py), by
+    name: "pooled", "tokens", "mask"; {} for a cache written before digests were recorded."""
+    try:
+        recorded = json.loads(store.attrs.get("digests") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    names = {"pooled": f"{m}/pooled", "tokens": f"{m}/tokens", "mask": f"{m}/mask"}
+    return {k: str(recorded[v]) for k, v in names.items() if v in recorded}
 
 
 def _check_features_dir(features_dir: Path) -> None:

@@ -23,26 +23,30 @@ EVERY loaded cache, so each cell is fitted and scored on the same rows, hence th
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from fusebench.fuse._util import deep_merge, few, note
-from fusebench.fuse.features import (
-    MODALITIES,
-    Excluded,
-    FeatureSet,
-    Modality,
-    check_one_dataset,
-    check_rows_agree,
-    load_feature_set,
+from fusebench.fuse._util import check_device, deep_merge, few, note
+from fusebench.fuse.bank import (  # noqa: F401  (load_bank, FeatureBank: also imported from here)
+    FeatureBank,
+    input_identity,
+    load_bank,
 )
+from fusebench.fuse.features import MODALITIES, FeatureSet
 from fusebench.fuse.protocol import StratifiedProtocol
-from fusebench.fuse.registry import get_head, head_needs_tokens, list_heads, resolve_params
+from fusebench.fuse.registry import (
+    HeadConfig,
+    get_head,
+    list_heads,
+    resolve_head,
+    resolve_params,
+)
 
 NONE = "none"  # how an absent encoder is written: --image none, cell ids, config.yaml lists
 
@@ -52,13 +56,24 @@ NONE = "none"  # how an absent encoder is written: --image none, cell ids, confi
 
 @dataclass(frozen=True)
 class Cell:
-    """One (text, image, head, variant) of the grid; text / image are what the head reads."""
+    """One (text, image, head, variant) of the grid; text / image are what the head reads.
+
+    Resolved once, then only run: `config` is the head resolved (its class, hyperparameters
+    from its YAML, --set and the variant's --sweep values, and the run-wide options), given by
+    GridSpec.cells() or resolved here from head + overrides; `features` the cell's rows of the
+    run's caches (FeatureBank.cell_set), set once the caches are loaded (fuse.experiment)."""
 
     text: str | None
     image: str | None
     head: str
     variant: str = ""
     overrides: dict = field(default_factory=dict, compare=False, hash=False)
+    config: HeadConfig = field(default=None, compare=False, hash=False, repr=False)
+    features: FeatureSet | None = field(default=None, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            object.__setattr__(self, "config", resolve_head(self.head, self.overrides))
 
     @property
     def id(self) -> str:
@@ -75,6 +90,28 @@ class Cell:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if self.encoder(m) is not None)
+
+    def fit_key(self) -> tuple | None:
+        """What one fit of this cell depends on besides seed and fold: its head's resolved
+        config and the digests of what it reads (fuse.bank.input_identity). Cells with equal
+        keys are one fit; None (features not loaded, or no digests recorded): its own."""
+        if self.features is None:
+            return None
+        reads = input_identity(self.features, self.config.modalities, self.config.tokens)
+        if reads is None:
+            return None
+        params = self.config.prototype.get_config()["params"]
+        return (self.head, json.dumps(params, sort_keys=True, default=str), reads)
+
+
+def shared_fits(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """The cells grouped by fit: cells whose fit_key is equal (byte-identical inputs, one head
+    and config) are one group, fitted once and reported under each id; in grid order."""
+    groups: dict[Any, list[Cell]] = {}
+    for cell in cells:
+        key = cell.fit_key()
+        groups.setdefault(cell.id if key is None else key, []).append(cell)
+    return list(groups.values())
 
 
 def cell_slug(cell_id: str) -> str:
@@ -258,6 +295,9 @@ class GridSpec:
     heads_all: bool = False  # --heads all: heads that cannot run anywhere are skipped
     one_at_a_time: bool = False  # torch fits one after another, not stacked (fuse.batched)
     memory_budget: str | None = None  # RAM for features, e.g. "1GB" (None: half the available)
+    # --config: the replayed run's folder and its caches' fingerprints (encoder -> fingerprint),
+    # so a replay on caches extracted again since (or another dataset in their place) says so
+    replayed: tuple[str, dict] | None = field(default=None, compare=False)
 
     @property
     def strict(self) -> bool:
@@ -284,6 +324,31 @@ class GridSpec:
             "memory_budget": self.memory_budget,
         }
 
+    def options(self, overrides: dict) -> dict[str, Any]:
+        """The run-wide options a cell with these overrides is built with (from_config's
+        epochs, device, class_weights). A cell's own --set / --sweep `train.KEY` wins over the
+        flag: a sweep of train.epochs=1,8 trains 1 and 8 epochs whatever --epochs says (None:
+        keep the cell's value, which the head then checks like the flag)."""
+        own = overrides.get("train")
+        own = own if isinstance(own, dict) else {}
+        flags = {"epochs": self.epochs, "device": self.device, "class_weights": self.class_weights}
+        return {k: None if k in own else v for k, v in flags.items()}
+
+    def overruled(self, cell: Cell) -> list[str]:
+        """'train.epochs=8 (not --epochs 2)' for each flag the user set that a cell's own
+        value overrules (options); [] when none does."""
+        own = cell.overrides.get("train")
+        own = own if isinstance(own, dict) else {}
+        flags = {"epochs": self.epochs, "device": self.device, "class_weights": self.class_weights}
+        unset = (None, "auto", False)  # the flags' defaults: nothing typed, nothing overruled
+        return [
+            f"train.{k}={fmt_value(own[k])} (not --{k.replace('_', '-')}"
+            + ("" if isinstance(v, bool) else f" {v}")
+            + ")"
+            for k, v in flags.items()
+            if k in own and v not in unset and own[k] != v
+        ]
+
     def cells(self) -> tuple[list[Cell], list[tuple[Cell, str]], list[str]]:
         """(cells, skipped, notes): the cells to run, each once, in grid order (text, image,
         head, variant); the cells that cannot run on their encoders, with why (a fusion head
@@ -297,7 +362,9 @@ class GridSpec:
                 continue
             t, i = reads(head, text, image)
             for name, over in variants(head, self.sweep):
-                cell = Cell(t, i, head, name, deep_merge(self.set.get(head, {}), over))
+                over = deep_merge(self.set.get(head, {}), over)
+                config = resolve_head(head, over, **self.options(over))
+                cell = Cell(t, i, head, name, over, config)
                 if (why := cannot_run(head, t, i)) is not None:
                     skipped.setdefault(cell.id, (cell, why))
                     continue
@@ -428,11 +495,12 @@ def resolve_settings(
         protocol=_protocol(command, given, explicit, old),
         seeds=tuple(check_seeds(parse_seeds(pick("seeds")))),
         epochs=_epochs(pick("epochs")),
-        device=str(pick("device")),
+        device=check_device(pick("device")),
         class_weights=bool(pick("class_weights")),
         allow_stale=bool(pick("allow_stale")),
         one_at_a_time=bool(pick("one_at_a_time")),
         memory_budget=_budget(pick("memory_budget")),
+        replayed=None if config is None else (str(config), recorded_fingerprints(config)),
     )
 
 
@@ -543,9 +611,60 @@ CONFIG_TYPES = {  # key -> (check, what it must be)
 }
 
 
+RECORDED_KEYS = (  # what config.yaml records beside the settings: read by predict and report
+    "command",  # replay runs the command typed (fuse or compare)
+    "created",
+    "caches",
+    "stale_caches",
+    "classes",
+    "rows",
+    "versions",
+    "cells",
+    "best_cell",
+    "saved_model",  # runs of the first stage-two version
+    "planned_cells",  # --print-config output, saved and replayed
+    "skipped_cells",
+)
+PROTOCOL_KEYS = ("folds", "val_ratio", "split_seed", "inner_ratio", "description")
+
+
+def recorded_fingerprints(path: str | Path) -> dict[str, str]:
+    """encoder -> fingerprint of the caches a run's config.yaml says it used ({} if none);
+    read after read_config has checked the file."""
+    path = Path(path)
+    data = yaml.safe_load((path / "config.yaml" if path.is_dir() else path).read_text("utf-8"))
+    caches = data.get("caches") if isinstance(data, dict) else None
+    return {
+        str(enc): str(src["fingerprint"])
+        for enc, src in (caches.items() if isinstance(caches, dict) else ())
+        if isinstance(src, dict) and src.get("fingerprint")
+    }
+
+
+def describe_replayed_caches(spec: GridSpec, bank: FeatureBank) -> str | None:
+    """A note when a --config replay reads caches other than the replayed run's (extracted
+    again since, or another dataset in their place): its numbers will not be that run's."""
+    if spec.replayed is None:
+        return None
+    where, old = spec.replayed
+    changed = [
+        Path(src["path"]).name
+        for enc, src in bank.caches.items()
+        if enc in old and old[enc] != src["fingerprint"]
+    ]
+    if not changed:
+        return None
+    return (
+        f"replaying {where}: {few(changed)} is not the cache that run used (its fingerprint "
+        "changed: extracted again since, or another dataset in its place), so the numbers will "
+        "differ from that run's"
+    )
+
+
 def read_config(path: str | Path) -> dict:
     """The replayable settings of a run's config.yaml (--config), each checked; a missing or
-    malformed file is one line naming it and the key."""
+    malformed file, or a key replay does not know (a typo would be ignored silently), is one
+    line naming it and the key."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.yaml"
@@ -557,6 +676,19 @@ def read_config(path: str | Path) -> dict:
         raise ValueError(f"--config {path} is not valid YAML; pass a run's config.yaml") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} holds no settings mapping; pass a run's config.yaml")
+    for key in data:
+        if key not in CONFIG_TYPES and key not in RECORDED_KEYS:
+            raise ValueError(
+                f"--config {path}: unknown key '{key}'; valid keys: {', '.join(CONFIG_TYPES)} "
+                "(besides what a run records about itself)"
+            )
+    protocol = data.get("protocol")
+    for key in protocol if isinstance(protocol, dict) else ():
+        if key not in PROTOCOL_KEYS:
+            raise ValueError(
+                f"--config {path}: unknown key 'protocol.{key}'; valid keys: "
+                + ", ".join(PROTOCOL_KEYS)
+            )
     out = {}
     for key, (ok, what) in CONFIG_TYPES.items():
         if key not in data:
@@ -565,159 +697,3 @@ def read_config(path: str | Path) -> dict:
             raise ValueError(f"--config {path}: '{key}' must be {what}, not {data[key]!r}")
         out[key] = list(data[key]) if key == "heads" else data[key]  # issue-7 runs: a mapping
     return out
-
-
-# ---------------------------------------------------------------- caches: each loaded once
-
-
-@dataclass
-class FeatureBank:
-    """Every cache of a grid, loaded once, on the rows usable in all of them.
-
-    base: the shared rows (guid, split, label; no modality); cell_set(cell) adds the cell's
-    text and image features without copying them."""
-
-    base: FeatureSet
-    modalities: dict[tuple[str, str], Modality]  # (modality, encoder) -> features
-    sources: dict[tuple[str, str], dict]  # (modality, encoder) -> {encoder, path, fingerprint}
-    caches: dict[str, dict]  # encoder -> {path, fingerprint, modalities}
-
-    def cell_set(self, cell: Cell) -> FeatureSet:
-        pick = {m: (m, cell.encoder(m)) for m in cell.modalities}
-        return replace(
-            self.base,
-            text=self.modalities.get(pick["text"]) if "text" in pick else None,
-            image=self.modalities.get(pick["image"]) if "image" in pick else None,
-            sources={m: self.sources[k] for m, k in pick.items()},
-        )
-
-
-def load_bank(
-    features: str | Path,
-    cells: Sequence[Cell],
-    *,
-    allow_stale: bool,
-    memory_budget: str | int | None = None,
-) -> FeatureBank:
-    """Opens each cache the cells read once (tokens only for modalities some cell's head
-    reads as tokens) and keeps the rows usable in every one of them. Token arrays that do
-    not fit memory_budget (None: half the available RAM) stream from their files through one
-    block cache (fuse/streaming.py), decided once for all the caches."""
-    wanted: dict[str, set[str]] = {}  # encoder -> modalities read from it
-    tokens: dict[str, set[str]] = {}
-    for cell in cells:
-        needs = head_needs_tokens(cell.head, cell.overrides)
-        for m in cell.modalities:
-            wanted.setdefault(cell.encoder(m), set()).add(m)
-            if needs:
-                tokens.setdefault(cell.encoder(m), set()).add(m)
-    order = sorted(wanted, key=lambda e: ("text" not in wanted[e], list(wanted).index(e)))
-    streamed, block_cache = _stream_plan(features, wanted, tokens, memory_budget)
-    sets = {
-        enc: load_feature_set(
-            features,
-            text=enc if "text" in wanted[enc] else None,
-            image=enc if "image" in wanted[enc] else None,
-            tokens=tokens.get(enc, set()),
-            allow_stale=allow_stale,
-            stream={m for e, m in streamed if e == enc},
-            block_cache=block_cache,
-        )
-        for enc in order
-    }
-    base, rows = join_sets(sets)
-    mods, sources = {}, {}
-    for enc, fs in sets.items():
-        for m in wanted[enc]:
-            mods[(m, enc)] = fs.modality(m).take(rows[enc])
-            sources[(m, enc)] = fs.sources[m]
-    caches = {
-        enc: {
-            "path": fs.sources[next(iter(fs.sources))]["path"],
-            "fingerprint": fs.sources[next(iter(fs.sources))]["fingerprint"],
-            "modalities": [m for m in MODALITIES if m in wanted[enc]],
-        }
-        for enc, fs in sets.items()
-    }
-    return FeatureBank(base, mods, sources, caches)
-
-
-def _stream_plan(
-    features: str | Path,
-    wanted: dict[str, set[str]],
-    tokens: dict[str, set[str]],
-    memory_budget: str | int | None,
-):
-    """plan_for over every (encoder, modality) of the bank; nothing to plan without caches
-    (load_feature_set then names what is missing)."""
-    from fusebench.fuse.features import cache_path
-    from fusebench.fuse.streaming import plan_for
-
-    pairs = [(enc, m) for enc, mods in wanted.items() for m in sorted(mods)]
-    if not Path(features).is_dir() or not all(
-        cache_path(Path(features), e).is_file() for e, _ in pairs
-    ):
-        return set(), None
-    return plan_for(Path(features), pairs, tokens, memory_budget)
-
-
-def join_sets(sets: dict[str, FeatureSet]) -> tuple[FeatureSet, dict[str, np.ndarray]]:
-    """The rows of the first set whose guid is usable in every set, in the first set's order;
-    and, per set, the positions of those rows in it. Sets that are not of one dataset (other
-    classes, guids, splits or labels) are refused."""
-    (ref_enc, ref), *others = sets.items()
-    keep = np.ones(len(ref), dtype=bool)
-    positions = {ref_enc: np.arange(len(ref))}
-    why: dict[int, str] = {}  # row of ref -> why it is left out
-    for enc, fs in others:
-        rows = _same_dataset(ref, fs)
-        reasons = {}
-        for e in fs.excluded:
-            reasons.setdefault(e.guid, e.reason)
-        for i in np.flatnonzero(keep & (rows < 0)).tolist():
-            why[i] = reasons.get(ref.guid[i], f"not usable in {_file(fs)}")
-        keep &= rows >= 0
-        positions[enc] = rows
-    kept = np.flatnonzero(keep)
-    if len(kept) == 0:
-        raise ValueError(
-            f"no row is usable in every cache ({', '.join(_file(fs) for fs in sets.values())}); "
-            "see `fusebench cache info FILE` and extract again"
-        )
-    excluded = (
-        *ref.excluded,
-        *(Excluded(str(ref.guid[i]), str(ref.split[i]), why[i]) for i in sorted(why)),
-    )
-    stale = {k: v for fs in sets.values() for k, v in fs.stale.items()}
-    base = replace(
-        ref.take(kept), text=None, image=None, excluded=excluded, sources={}, stale=stale
-    )
-    return base, {enc: pos[kept] for enc, pos in positions.items()}
-
-
-def _file(fs: FeatureSet) -> str:
-    return Path(next(iter(fs.sources.values()))["path"]).name
-
-
-def _same_dataset(ref: FeatureSet, other: FeatureSet) -> np.ndarray:
-    """(len(ref),) the row of `other` with each ref row's guid (-1: none usable); refuses
-    caches of different datasets, as fuse.features does for a text and an image file."""
-    check_one_dataset(
-        _file(ref), ref.classes, ref.all_guid, _file(other), other.classes, other.all_guid
-    )
-    pos = {g: i for i, g in enumerate(other.guid.tolist())}
-    rows = np.fromiter((pos.get(g, -1) for g in ref.guid.tolist()), np.int64, len(ref))
-    both = np.flatnonzero(rows >= 0)
-    check_rows_agree(_file(ref), ref, _file(other), other, rows, both)
-    return rows
-
-
-def describe_common_rows(bank: FeatureBank, cells: Sequence[Cell]) -> str | None:
-    """A note when some cell reads fewer caches than the grid loaded: it is still fitted and
-    scored only on the rows usable in every cache, so that all cells share the same folds."""
-    if all(len(set(filter(None, (c.text, c.image)))) == len(bank.caches) for c in cells):
-        return None
-    return (
-        f"every cell is fitted and scored on the {len(bank.base)} rows usable in all "
-        f"{len(bank.caches)} caches ({few(list(bank.caches), 8)}), so all cells share the same folds"
-    )

@@ -1,4 +1,5 @@
-"""Torch fusion heads. Every one has the same forward signature:
+"""Torch heads: the estimator every one of them is trained as (`TorchClassifier`), the base
+of their networks (`FusionHead`), and the networks. Every network has the same forward:
 
     forward(text_tokens, text_mask, image_tokens, image_mask, text_pooled, image_pooled) -> (B, C)
 
@@ -6,19 +7,43 @@
     image_tokens (B, Li, Di) float32     image_mask (B, Li) bool or None (every patch is real)
     text_pooled  (B, Dt')    float32     image_pooled (B, Di') float32
 
-Inputs a head does not read arrive as None (tokens are only gathered for heads that need
-them). Constructors take the input dims and class count, then keyword-only hyperparameters,
-which come from configs/heads/<name>.yaml. All are trained by fuse.trainer.
+A head reads token arrays (tokens=True, or uses_tokens(params)) or pooled vectors, never both;
+the inputs it does not read arrive as None. Constructors take the input dims and class count,
+then keyword-only hyperparameters, which come from configs/heads/<name>.yaml. The registry
+holds the network classes (`@register_head`): their `from_config` (the head contract,
+fuse/head.py) returns a TorchClassifier around them, trained by fuse.trainer (alone) or
+fuse.batched (the folds × seeds of a cell stacked).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
 
+import fusebench.fuse.batched as batched
+import numpy as np
 import torch
 import torch.nn.functional as F
-from fusebench.fuse.registry import DROPOUT, POSITIVE_INT, check_params, register_head
-from fusebench.fuse.trainer import InputDims, TorchClassifier, TrainConfig
+from fusebench.fuse._util import DamagedModelError, note, torch_save
+from fusebench.fuse.features import FeatureSet, check_inputs
+from fusebench.fuse.head import current_fit_label, describe, register_head
+from fusebench.fuse.params import DROPOUT, POSITIVE_INT, check_params
+from fusebench.fuse.trainer import (
+    InputDims,
+    Standardized,
+    TrainConfig,
+    TrainResult,
+    input_stats,
+    predict_logits,
+    resolve_device,
+    scaled_dims,
+    train_module,
+    warm_up,
+)
 from torch import nn
 
 
@@ -37,14 +62,226 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+class TorchClassifier:
+    """The estimator of every torch head (the contract of fuse/head.py): fit(train, val) /
+    predict_proba(rows) / save / load around a network class.
+
+    module: a registered FusionHead class; params: its hyperparameters; train: how it is
+    trained (fuse.trainer.TrainConfig). Fitted state ends in `_`; `module_` is the network
+    behind its input standardisation (Standardized) holding the best epoch's weights.
+    """
+
+    params_meaning: ClassVar[str] = "trainable weights"
+    iteration_param: ClassVar[str | None] = "train.epochs"  # best_iteration_: the best epoch
+
+    def __init__(
+        self, module: type, *, params: dict[str, Any], train: TrainConfig, seed: int = 42
+    ) -> None:
+        self.module = module
+        self.params = dict(params)
+        self.train = train
+        self.seed = seed
+
+    @property
+    def name(self) -> str:
+        return self.module.registry_name
+
+    @property
+    def needs_tokens(self) -> bool:
+        return bool(self.module.uses_tokens(self.params))
+
+    def __repr__(self) -> str:
+        return f"TorchClassifier({self.name}, seed={self.seed})"
+
+    def get_config(self) -> dict[str, Any]:
+        params = {**self.params, "train": asdict(self.train)}
+        return {"head": self.name, "params": params, "seed": self.seed}
+
+    def fit(
+        self,
+        train: FeatureSet,
+        val: FeatureSet | None = None,
+        *,
+        quiet: bool = True,
+        desc: str | None = None,
+    ) -> TorchClassifier:
+        """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch.
+        desc: the label of its epoch bar (default: the runner's fuse.head.fit_label, else
+        "<head> seed <seed>")."""
+        modalities, dims, module = self.initial_module(train)
+        device = resolve_device(self.train.device)
+        warm_up(device)
+        start = time.perf_counter()
+        module = self.standardized(module, train, modalities, dims)
+        result = train_module(
+            module,
+            train,
+            val,
+            self.train,
+            seed=self.seed,
+            modalities=modalities,
+            tokens=self.needs_tokens,
+            device=device,
+            quiet=quiet,
+            desc=desc or current_fit_label() or f"{self.name} seed {self.seed}",
+        )
+        elapsed = time.perf_counter() - start
+        return self.fitted(module, result, train_time=elapsed, device=device, train=train)
+
+    @classmethod
+    def fit_together(
+        cls,
+        heads: Sequence[TorchClassifier],
+        trains: Sequence[FeatureSet],
+        vals: Sequence[FeatureSet | None],
+        *,
+        quiet: bool,
+        label: str,
+    ) -> bool:
+        """The FitsTogether capability: `heads` (one head and settings, one per seed × fold)
+        trained as one stacked model (fuse.batched); False, with a note, when they are fitted
+        one at a time instead: token heads (measured slower), or a module vmap refuses."""
+        if not batched.can_batch(heads):
+            return False
+        if heads[0].needs_tokens and not batched.BATCH_TOKEN_HEADS:
+            why = batched.TOKEN_HEADS_NOTE
+            note(f"{label}: its {len(heads)} fits are trained one at a time ({why})")
+            return False
+        try:
+            batched.fit_together(
+                heads, trains, vals, quiet=quiet, desc=f"{label}: {len(heads)} fits together"
+            )
+        except batched.NotBatchable as e:
+            note(f"{label}: its {len(heads)} fits are trained one at a time ({e})")
+            return False
+        return True
+
+    def initial_module(self, train: FeatureSet) -> tuple[tuple[str, ...], InputDims, nn.Module]:
+        """(modalities, dims, the untrained head) for `train`; its initial weights depend on
+        the seed only (torch.manual_seed right before building), whoever trains it."""
+        modalities = check_inputs(
+            train,
+            head=self.name,
+            modalities=self.module.modalities,
+            require=self.module.require,
+            tokens=self.needs_tokens,
+        )
+        torch.manual_seed(self.seed)
+        dims = InputDims.of(train)
+        return modalities, dims, self.module(dims, train.n_classes, **self.params)
+
+    def standardized(
+        self, module: nn.Module, train: FeatureSet, modalities: tuple[str, ...], dims: InputDims
+    ) -> nn.Module:
+        """module behind Standardized with the statistics of `train` (the fit rows only), or
+        module itself when train.standardize is off."""
+        if not self.train.standardize:
+            return module
+        names = scaled_dims(dims, modalities, self.needs_tokens)
+        return Standardized(module, names).set_stats(input_stats(train, tuple(names)))
+
+    def fitted(
+        self,
+        module: nn.Module,
+        result: TrainResult,
+        *,
+        train_time: float,
+        device: torch.device,
+        train: FeatureSet,
+    ) -> TorchClassifier:
+        """Sets the fitted state (`module` holds the best epoch's weights); returns self."""
+        self.train_time_ = train_time
+        self.module_ = module.eval()
+        self.device_ = device
+        self.modalities_ = tuple(m for m in self.module.modalities if train.modality(m) is not None)
+        self.dims_ = InputDims.of(train)
+        self.classes_ = tuple(train.classes)
+        self.best_iteration_ = result.best_epoch
+        self.history_ = result.history
+        self.n_params_ = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            from sklearn.exceptions import NotFittedError
+
+            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
+
+    def predict_proba(self, rows: FeatureSet) -> np.ndarray:
+        """(n, C) class probabilities for every row of `rows`, in order."""
+        self._check_fitted()
+        logits = predict_logits(
+            self.module_,
+            rows,
+            modalities=self.modalities_,
+            tokens=self.needs_tokens,
+            device=self.device_,
+            batch_size=self.train.eval_batch_size,
+        )
+        return torch.softmax(logits, dim=1).numpy()
+
+    def save(self, folder: str | Path) -> None:
+        """folder/head.json (what to rebuild) + folder/state.pt (the fitted weights)."""
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch_save({k: v.cpu() for k, v in self.module_.state_dict().items()}, folder / "state.pt")
+        meta = {**describe(self), "train": asdict(self.train), "dims": asdict(self.dims_)}
+        (folder / "head.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, *, device: str = "auto", module: type | None = None
+    ) -> TorchClassifier:
+        """The head saved by save() (module: its network class; default: the one registered
+        under head.json's name). A missing or damaged file is a DamagedModelError."""
+        from fusebench.fuse.head import HEADS
+
+        folder = Path(folder)
+        dev = resolve_device(device)  # a bad --device is the user's flag, not damage
+        try:
+            meta = json.loads((folder / "head.json").read_text())
+            module_cls = module or HEADS.get(meta["head"])
+            self = module_cls.from_config(meta["params"], seed=meta["seed"], device=device)
+            self.dims_, self.classes_ = InputDims(**meta["dims"]), tuple(meta["classes"])
+            self.modalities_ = tuple(meta["modalities"])
+            net = module_cls(self.dims_, len(self.classes_), **self.params)
+            if self.train.standardize:
+                scaled = scaled_dims(self.dims_, self.modalities_, self.needs_tokens)
+                net = Standardized(net, scaled)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedModelError(
+                f"{folder / 'head.json'} is damaged ({type(e).__name__}: {e}); rerun the "
+                "`fusebench fuse` or `compare` command that made the run"
+            ) from None
+        _load_state(net, folder / "state.pt")
+        self.device_ = dev
+        self.module_ = net.to(dev).eval()
+        self.best_iteration_, self.n_params_ = meta.get("best_iteration"), meta.get("n_params")
+        self.history_ = []
+        return self
+
+
+def _load_state(module: nn.Module, path: Path) -> None:
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
+        what = " ".join(str(e).split())[:160]
+        raise DamagedModelError(
+            f"{path} cannot be loaded ({type(e).__name__}: {what}); it is missing or damaged "
+            "— rerun the `fusebench fuse` or `compare` command that made the run"
+        ) from None
+
+
 class FusionHead(nn.Module):
-    """Base class of the torch heads: declares the inputs and builds the trainer wrapper."""
+    """Base class of the torch networks: the class-level half of the head contract (what it
+    reads, from_config, load); its from_config returns the TorchClassifier around it."""
 
     modalities: tuple[str, ...] = ("text", "image")
     require = "all"  # every modality in `modalities` must be present
-    tokens = False  # reads token arrays (not just pooled vectors)
+    tokens = False  # reads token arrays (not pooled vectors)
     registry_name = ""
-    # the valid range of every numeric hyperparameter any head here takes (fuse.registry)
+    # the valid range of every numeric hyperparameter any head here takes (fuse.params)
     bounds = {
         "hidden": POSITIVE_INT,
         "dim": POSITIVE_INT,
@@ -72,6 +309,8 @@ class FusionHead(nn.Module):
         device: str | None = None,
         class_weights: bool | None = None,
     ) -> TorchClassifier:
+        """The estimator: params (hyperparameters and a `train:` block) checked, the run-wide
+        options put in `train`, and the device checked (a GPU torch cannot see fails here)."""
         params = dict(params)
         train = params.pop("train", None) or {}
         if not isinstance(train, dict):
@@ -79,22 +318,17 @@ class FusionHead(nn.Module):
                 f"head '{cls.registry_name}': train must be a mapping of training options "
                 f"(e.g. --set train.lr=3e-4), not {train!r}"
             )
-        train = dict(train)
-        for key, value in (
-            ("epochs", epochs),
-            ("device", device),
-            ("class_weights", class_weights),
-        ):
-            if value is not None:
-                train[key] = value
+        options = {"epochs": epochs, "device": device, "class_weights": class_weights}
+        train = {**train, **{k: v for k, v in options.items() if v is not None}}
         params = check_params(cls, params, cls.registry_name)
         cls.check_config(params)
-        return TorchClassifier(
-            cls,
-            params=params,
-            train=TrainConfig.from_dict(train, head=cls.registry_name),
-            seed=seed,
-        )
+        config = TrainConfig.from_dict(train, head=cls.registry_name)
+        resolve_device(config.device)
+        return TorchClassifier(cls, params=params, train=config, seed=seed)
+
+    @classmethod
+    def load(cls, folder: str | Path, *, device: str = "auto") -> TorchClassifier:
+        return TorchClassifier.load(folder, device=device, module=cls)
 
 
 class CrossBlock(nn.Module):

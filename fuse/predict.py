@@ -47,15 +47,23 @@ import yaml
 from fusebench.fuse._util import (
     STAGING,
     OutputError,
+    check_device,
     deep_merge,
     few,
+    hold_owner_lock,
     note,
     os_error_line,
     plain,
+    release_owner_lock,
+    remove_tree,
+    sweep_abandoned,
     write_atomic,
 )
+from fusebench.fuse.bank import pooled_digest, rows_digest, trained_rows
 from fusebench.fuse.features import MODALITIES, FeatureSet, load_feature_set
-from fusebench.fuse.grid import cell_slug
+from fusebench.fuse.grid import cell_slug, nest
+from fusebench.fuse.head import Head
+from fusebench.fuse.registry import get_head
 
 UNPREDICTED = ""  # the tag of a row the head has no features for
 MODES = ("ensemble", "refit", "fold0")
@@ -199,9 +207,10 @@ def fit_dirs(run: Path, config: dict, cell_id: str, *, first_only: bool = False)
 # ---------------------------------------------------------------- models
 
 
-def load_head(folder: str | Path, *, device: str = "auto") -> Any:
-    """The fitted estimator saved in `folder` (head.json says which kind). A missing or
-    damaged file is a RunFolderError naming it; a bad --device a ValueError."""
+def load_head(folder: str | Path, *, device: str = "auto") -> Head:
+    """The fitted estimator saved in `folder`: head.json names its head, whose `load` (the
+    head contract) reads the rest. A missing or damaged file is a RunFolderError naming it;
+    a bad --device a ValueError."""
     folder = Path(folder)
     meta_path = folder / "head.json"
     if not meta_path.is_file():
@@ -216,22 +225,24 @@ def load_head(folder: str | Path, *, device: str = "auto") -> Any:
             f"{meta_path} is damaged ({e}); rerun the `fusebench fuse` or `compare` command "
             "that made the run"
         ) from None
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind == "torch":
-        from fusebench.fuse.trainer import TorchClassifier
+    name = meta.get("head") if isinstance(meta, dict) else None
+    if not isinstance(name, str):
+        raise RunFolderError(
+            f"{meta_path} is damaged (it names no head); rerun the `fusebench fuse` or "
+            "`compare` command that made the run"
+        )
+    try:
+        cls = get_head(name)
+    except ValueError as e:  # a plugin head this process has not registered
+        raise RunFolderError(
+            f"{meta_path} was saved by head '{name}', which is not registered here ({e}); "
+            "import the module that registers it, or rerun the `fusebench fuse` or "
+            "`compare` command that made the run"
+        ) from None
+    return cls.load(folder, device=device)
 
-        return TorchClassifier.load(folder, device=device)
-    if kind == "joblib":
-        from fusebench.fuse.classic import PooledEstimator
 
-        return PooledEstimator.load(folder)
-    raise RunFolderError(
-        f"{meta_path} is damaged (kind {kind!r}, expected 'torch' or 'joblib'); rerun the "
-        "`fusebench fuse` or `compare` command that made the run"
-    )
-
-
-def load_models(run: Path, dirs: list[Path], classes: list[str], *, device: str) -> list[Any]:
+def load_models(run: Path, dirs: list[Path], classes: list[str], *, device: str) -> list[Head]:
     """Every model in `dirs`; all must have the run's classes and read the same inputs."""
     models = [load_head(d, device=device) for d in dirs]
     for d, m in zip(dirs, models):
@@ -242,7 +253,7 @@ def load_models(run: Path, dirs: list[Path], classes: list[str], *, device: str)
     return models
 
 
-def average_proba(models: list[Any], rows: FeatureSet) -> np.ndarray:
+def average_proba(models: list[Head], rows: FeatureSet) -> np.ndarray:
     """(n, C) class probabilities averaged over `models` (a soft vote)."""
     return np.mean([m.predict_proba(rows) for m in models], axis=0)
 
@@ -254,7 +265,7 @@ def load_cell_features(
     run: Path,
     config: dict,
     cell_id: str,
-    model: Any,
+    model: Head,
     *,
     features: str | Path | None,
     allow_stale: bool,
@@ -271,26 +282,81 @@ def load_cell_features(
             f"the run's cache folder {config['features']} is gone; pass --features with the "
             "folder where those caches are now"
         )
-    fs = load_feature_set(
-        features or config["features"],
-        text=encoders.get("text"),
-        image=encoders.get("image"),
-        tokens=reads if model.needs_tokens else False,
-        allow_stale=allow_stale,
-    )
-    for m, enc in encoders.items():
-        src = config["caches"].get(enc) or config["caches"].get(m) or {}
-        if fs.sources[m]["fingerprint"] != src.get("fingerprint"):
-            raise ValueError(
-                f"{fs.sources[m]['path']} is not the cache run {run.name} was trained on (its "
-                "fingerprint changed since); predict with that cache, or train a new run on this one"
-            )
+    from fusebench.cache import StaleCacheError
+
+    try:
+        fs = load_feature_set(
+            features or config["features"],
+            text=encoders.get("text"),
+            image=encoders.get("image"),
+            tokens=reads if model.needs_tokens else False,
+            allow_stale=allow_stale,
+        )
+    except StaleCacheError as e:
+        raise StaleCacheError(_stale_advice(run, config, str(e)), e.changes) from None
     if list(fs.classes) != list(config["classes"]):
         raise ValueError(
             f"the cache's classes ({', '.join(fs.classes)}) are not the run's "
             f"({', '.join(config['classes'])}); predict with the cache the run was trained on"
         )
+    for m, enc in encoders.items():
+        src = config["caches"].get(enc) or config["caches"].get(m) or {}
+        if fs.sources[m]["fingerprint"] != src.get("fingerprint"):
+            _check_refreshed(run, config, fs, m, src)
     return fs
+
+
+def _retrain(run: Path, config: dict) -> str:
+    return f"`fusebench {config.get('command', 'compare')} --config {run / 'config.yaml'}`"
+
+
+def _stale_advice(run: Path, config: dict, message: str) -> str:
+    """The stale-cache line of stage two, with what works for predict: the run's models were
+    trained on the cache as it is, so --allow-stale predicts from those features; a refreshed
+    cache is accepted when the rows the run trained on kept their features (only test samples
+    changed, say), else the run must be trained again."""
+    head, sep, rest = message.partition("; rerun `")
+    command = rest.partition("`")[0] if sep else "fusebench extract ... (the same options)"
+    return (
+        f"{head}; the run's models were trained on the features as they are: pass "
+        "--allow-stale to predict from them, or rerun "
+        f"`{command}` (it recomputes only the changed rows) and predict again, which works "
+        "when no row the run was trained on changed (only test samples, say); when one did, "
+        f"retrain with {_retrain(run, config)}"
+    )
+
+
+def _check_refreshed(run: Path, config: dict, fs: FeatureSet, modality: str, src: dict) -> None:
+    """A cache whose fingerprint is not the one the run recorded: accepted (with a note) when
+    the rows the run fitted and scored are the same rows with the same pooled features (a
+    refresh that changed only other rows, e.g. test samples); otherwise one line saying to
+    retrain or to use the run's own cache."""
+    path = fs.sources[modality]["path"]
+    rows_info = config.get("rows") if isinstance(config.get("rows"), dict) else {}
+    want_rows, want_features = (
+        rows_info.get("digest"),
+        (src.get("trained_digest") or {}).get(modality),
+    )
+    if want_rows is None or want_features is None:
+        raise ValueError(
+            f"{path} is not the cache run {run.name} was trained on (its fingerprint changed "
+            "since, and this run is older than the record of which rows it trained on); retrain "
+            f"on it with {_retrain(run, config)}, or predict with the cache the run was trained on"
+        )
+    excluded = [e.get("guid") for e in rows_info.get("excluded") or [] if isinstance(e, dict)]
+    rows = trained_rows(fs, excluded)
+    if rows_digest(fs, rows) != want_rows or pooled_digest(fs.modality(modality), rows) != (
+        want_features
+    ):
+        raise ValueError(
+            f"{path} is not the cache run {run.name} was trained on: it was extracted again "
+            "since, and the rows the run trained on (or their features) changed; retrain on it "
+            f"with {_retrain(run, config)}, or predict with the cache the run was trained on"
+        )
+    note(
+        f"{path} was extracted again after run {run.name}, but the {len(rows)} rows the run "
+        "trained on kept their features: predicting from it"
+    )
 
 
 def labelled_rows(fs: FeatureSet) -> np.ndarray:
@@ -315,39 +381,43 @@ def training_digest(fs: FeatureSet, rows: np.ndarray) -> str:
 def refit_plan(config: dict, cell_id: str, fs: FeatureSet) -> dict:
     """What a refit of the cell trains: rows, seeds, the cell's resolved hyperparameters
     (config.yaml `params`) and the iteration count: the median of the CV fits' best
-    iterations, for heads that stop early (torch: epochs; LightGBM: boosting rounds)."""
+    iterations, put in the hyperparameter the head's best_iteration_ counts
+    (`iteration_param`: torch train.epochs, LightGBM n_estimators; none for logreg)."""
     cell = config["cells"][cell_id]
     rows = labelled_rows(fs)
-    probe = _build(cell["head"], cell["params"], {}, seed=0, device=None)
+    param = _probe(cell["head"], cell["params"]).iteration_param
     best = [f.get("best_iteration") for f in cell["fits"]]
     best = [int(b) for b in best if isinstance(b, (int, float)) and b > 0]
     median = int(np.ceil(np.median(best))) if best else None
-    iterations: dict[str, int] = {}
-    if median is not None and getattr(probe, "kind", "") == "torch":
-        iterations = {"epochs": median}
-    elif median is not None and hasattr(probe, "early_stopping_rounds"):
-        iterations = {"n_estimators": median}  # boosting rounds
+    iterations = {} if median is None or param is None else {param: median}
     return {
         "cell": cell_id,
         "head": cell["head"],
         "params": cell["params"],
         "seeds": list(config["seeds"]),
-        "iterations": iterations,
+        # "epochs" / "n_estimators" -> the median best iteration of the CV fits
+        "iterations": {k.rsplit(".", 1)[-1]: v for k, v in iterations.items()},
         "cv_best_iterations": best,
         "n_rows": int(len(rows)),
         "training_digest": training_digest(fs, rows),
     }
 
 
-def _build(head: str, params: dict, iterations: dict, *, seed: int, device: str | None) -> Any:
-    """An unfitted head from resolved hyperparameters, with `iterations` (epochs of a torch
-    head, or a hyperparameter such as n_estimators) put in."""
-    from fusebench.fuse.registry import get_head
+def _build(plan: dict, *, seed: int, device: str | None) -> Head:
+    """An unfitted head of the plan's cell: its resolved hyperparameters, the iteration
+    count put in the hyperparameter its best_iteration_ counts."""
+    cls = get_head(plan["head"])
+    params = plan["params"]
+    if plan["iterations"]:
+        (count,) = plan["iterations"].values()
+        param = _probe(plan["head"], params).iteration_param
+        params = deep_merge(params, nest(param.split("."), count))
+    return cls.from_config(params, seed=seed, device=device)
 
-    extra = {k: v for k, v in iterations.items() if k != "epochs"}
-    return get_head(head).from_config(
-        deep_merge(params, extra), seed=seed, epochs=iterations.get("epochs"), device=device
-    )
+
+def _probe(head: str, params: dict) -> Head:
+    """An unfitted head, to read what it declares (built on the CPU: any machine has one)."""
+    return get_head(head).from_config(params, seed=0, device="cpu")
 
 
 def refit_cell(
@@ -373,6 +443,7 @@ def refit_cell(
         if its
         else "no early stopping to replace"
     )
+    _check_refit_writable(folder)  # before training, not after
     note(
         f"refitting '{plan['cell']}' on all {plan['n_rows']} labelled rows, "
         f"{len(plan['seeds'])} seed(s), {how}"
@@ -381,7 +452,7 @@ def refit_cell(
     quiet = quiet or not sys.stderr.isatty()  # epoch bars are redrawn: terminals only
     models = []
     for seed in plan["seeds"]:
-        head = _build(plan["head"], plan["params"], plan["iterations"], seed=seed, device=device)
+        head = _build(plan, seed=seed, device=device)
         models.append(head.fit(train, None, quiet=quiet))
     _save_refit(folder, plan, models)
     return dirs, models, False
@@ -400,12 +471,34 @@ def _saved_plan(folder: Path) -> dict | None:
     return saved if isinstance(saved, dict) else None
 
 
+def _check_refit_writable(folder: Path) -> None:
+    """Fails before a refit trains when RUN/refit/ cannot be written (read-only, full)."""
+    probe = folder.parent / f".write-probe.{os.getpid()}{STAGING}"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0" * 4096)
+    except OSError as e:
+        raise OutputError(
+            f"cannot save the refit models in {folder}: " + os_error_line(e), e.errno
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
 def _save_refit(folder: Path, plan: dict, models: list[Any]) -> None:
-    """Writes the models and refit.json into a staging folder, then swaps it in."""
+    """Writes the models and refit.json into a staging folder, then swaps it in. Any failure
+    (a full disk, Ctrl-C, SIGTERM) removes the staging folder; one left by a process killed
+    outright is removed by the next refit (its owner lock died with it)."""
     stage = folder.with_name(f"{folder.name}.{os.getpid()}{STAGING}")
     old = folder.with_name(f"{folder.name}.{os.getpid()}.old")
+    owner = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        sweep_abandoned(folder.parent, f"{folder.name}.*{STAGING}")
         shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        owner = hold_owner_lock(stage)
         for seed, model in zip(plan["seeds"], models):
             model.save(stage / f"seed{seed}")
         created = dt.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -413,8 +506,15 @@ def _save_refit(folder: Path, plan: dict, models: list[Any]) -> None:
         if folder.exists():
             os.replace(folder, old)
         os.replace(stage, folder)
-    except OSError as e:
-        shutil.rmtree(stage, ignore_errors=True)
+        release_owner_lock(folder, owner)
+    except BaseException as e:
+        remove_tree(stage)
+        release_owner_lock(None, owner)
+        if old.exists() and not folder.exists():  # the previous refit stays as it was
+            with contextlib.suppress(OSError):
+                os.replace(old, folder)
+        if not isinstance(e, OSError):
+            raise
         raise OutputError(
             f"cannot save the refit models in {folder}: " + os_error_line(e), e.errno
         ) from None
@@ -447,6 +547,7 @@ def predict_run(
     allow_stale: predict from a cache whose dataset changed since extraction."""
     if mode not in MODES:
         raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
+    device = check_device(device)
     run, out = Path(run), Path(out)
     config = load_run_config(run)
     cell_id = pick_cell(run, config, cell=cell, head=head)
@@ -468,18 +569,7 @@ def predict_run(
         plan = refit_plan(config, cell_id, fs)
         dirs, models, reused = refit_cell(run, plan, fs, device=device, quiet=quiet)
         refit = {**plan, "reused": reused}
-    rows = fs.rows_of_split(split)
-    p = average_proba(models, fs.take(rows))  # (n, C)
-    probs = dict(zip(fs.guid[rows], p))
-    why = {e.guid: e.reason for e in fs.excluded}
-    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
-    if unpredicted:
-        reads = " and ".join(models[0].modalities_)
-        note(
-            f"{len(unpredicted)} of {len(order)} {split} row(s) have no usable {reads} features "
-            f"for cell '{cell_id}' and are left with an EMPTY tag in {out}: "
-            + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
-        )
+    probs, unpredicted = label_rows(models, fs, split, run=run, cell_id=cell_id, out=out)
     write_predictions(out, order, probs, classes, proba=proba)
     if cell is None and head is None and len(config["cells"]) > 1:
         note(f"used cell '{cell_id}' (best mean macro-F1 of this run); pick another with --cell")
@@ -494,6 +584,33 @@ def predict_run(
     )
     record_prediction(run, report, split=split, proba=proba)
     return report
+
+
+def label_rows(
+    models: list[Head], fs: FeatureSet, split: str, *, run: Path, cell_id: str, out: Path
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(guid -> averaged class probabilities, guid -> why it has none) for the `split` rows
+    of the cache, with a note for in-sample rows (split train) and rows left unlabelled."""
+    order = fs.cache_order(split)
+    rows = fs.rows_of_split(split)
+    if in_sample := int((fs.label[rows] >= 0).sum()) if split == "train" else 0:
+        note(
+            f"{in_sample} of the {split} rows are labelled rows the run trained on (each "
+            "model saw all or most of them): their predictions are in-sample, not held-out; "
+            f"the held-out predictions of every fit are in {run / 'val_predictions.csv'}"
+        )
+    p = average_proba(models, fs.take(rows))  # (n, C)
+    probs = dict(zip(fs.guid[rows], p))
+    why = {e.guid: e.reason for e in fs.excluded}
+    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
+    if unpredicted:
+        reads = " and ".join(models[0].modalities_)
+        note(
+            f"{len(unpredicted)} of {len(order)} {split} row(s) have no usable {reads} features "
+            f"for cell '{cell_id}' and are left with an EMPTY tag in {out}: "
+            + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
+        )
+    return probs, unpredicted
 
 
 def write_predictions(

@@ -164,8 +164,14 @@ def _short(text: str, n: int = 40) -> str:
 
 
 def _save(fig, path: Path, plt, dpi: int = 110) -> Path:
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=dpi)
+    except OSError as e:  # PIL's close() on a full disk names no file: name the plot
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -413,12 +413,20 @@ def _mismatch(runs: Sequence[RunFolder]) -> str | None:
             return f"protocols differ ({first.name}: {first.results.get('protocol')!s}; {run.name}: {run.results.get('protocol')!s})"
         if run.results["classes"] != first.results["classes"]:
             return f"classes differ ({first.name}: {', '.join(first.results['classes'])}; {run.name}: {', '.join(run.results['classes'])})"
-        rows_a, rows_b = first.config.get("rows", {}), run.config.get("rows", {})
-        if rows_a.get("per_fold") != rows_b.get("per_fold") or rows_a.get("usable") != rows_b.get(
-            "usable"
-        ):
+    for run in runs:
+        rows = run.config.get("rows")
+        if not isinstance(rows, dict) or not rows.get("digest"):
             return (
-                f"their rows differ ({first.name} and {run.name} used different rows or fold sizes)"
+                f"{run.name} does not record which rows it scored (its config.yaml has no "
+                "rows.digest: an older run), so it cannot be shown to share the others' rows; "
+                "rerun it to rank it with them"
+            )
+    for run in runs[1:]:
+        rows_a, rows_b = first.config["rows"], run.config["rows"]
+        if rows_a["digest"] != rows_b["digest"] or rows_a.get("per_fold") != rows_b.get("per_fold"):
+            return (
+                f"their rows differ ({first.name} and {run.name} fitted and scored other rows: "
+                "another dataset, other labels, or rows left out)"
             )
     return None
 
@@ -443,8 +451,9 @@ def combined_section(runs: Sequence[RunFolder]) -> str:
     rows = [[str(i), *row] for i, (_, row) in enumerate(entries, start=1)]
     return (
         "<section><h2>Combined ranking</h2><p>All runs share the protocol "
-        f"({esc(runs[0].results.get('protocol', '?'))}), classes and rows, so their cells "
-        f"rank together.</p>{_table(['#', 'run', *CELL_HEADER[1:]], rows)}</section>"
+        f"({esc(runs[0].results.get('protocol', '?'))}), classes and rows (the same guids "
+        "with the same labels), so their cells rank together.</p>"
+        f"{_table(['#', 'run', *CELL_HEADER[1:]], rows)}</section>"
     )
 
 

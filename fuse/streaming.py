@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from fusebench.cache import TokenFeatures
 from fusebench.cache.lazy import BlockCache, LazyRows, rows_per_block, stored_nbytes
+from fusebench.cache.naming import cache_file
 
 if TYPE_CHECKING:
     import torch
@@ -69,8 +70,22 @@ def available_memory() -> int:
 
 
 def resolve_budget(budget: str | int | None) -> int:
-    """Bytes of the memory budget: the given size, or RAM_SHARE of the available RAM."""
-    return int(available_memory() * RAM_SHARE) if budget is None else parse_size(budget)
+    """Bytes of the memory budget: the given size, or RAM_SHARE of the available RAM. A size
+    over the RAM available now is clamped to it, with a note (a replayed config.yaml from a
+    bigger machine still runs; the budget only decides what streams, never the numbers)."""
+    available = available_memory()
+    if budget is None:
+        return int(available * RAM_SHARE)
+    size = parse_size(budget)
+    if size > available:
+        from fusebench.fuse._util import note
+
+        note(
+            f"--memory-budget {budget} is more than the {fmt_bytes(available)} of RAM available "
+            f"here; using {fmt_bytes(available)} (token arrays over it stream from the cache)"
+        )
+        return available
+    return size
 
 
 def fmt_bytes(n: float) -> str:
@@ -113,15 +128,13 @@ def plan_for(
     modalities read as tokens, or encoder -> such modalities), with a note naming what
     streams and why. The cache holds at least two shuffle buffers (BUFFER_BLOCKS blocks of
     every streamed array), whatever the budget: else every batch would read its blocks again."""
-    from fusebench.fuse.features import cache_path
-
     limit = resolve_budget(budget)
     pairs = set(pairs)
     if not isinstance(tokens, Mapping):
         tokens = {enc: set(tokens) for enc, _ in pairs}
     arrays, rows, small = {}, {}, 0
     for enc, m in sorted(pairs):
-        path = cache_path(features_dir, enc)
+        path = cache_file(features_dir, enc)
         small += stored_nbytes(path, f"{m}/pooled")[0]
         if m in tokens.get(enc, ()):
             arrays[(enc, m)], rows[(enc, m)] = stored_nbytes(path, f"{m}/tokens")
@@ -133,7 +146,7 @@ def plan_for(
     from fusebench.fuse._util import note
 
     names = ", ".join(
-        f"{m} tokens of {cache_path(features_dir, enc).name} ({fmt_bytes(arrays[(enc, m)])})"
+        f"{m} tokens of {cache_file(features_dir, enc).name} ({fmt_bytes(arrays[(enc, m)])})"
         for enc, m in sorted(streamed)
     )
     note(

@@ -1,31 +1,31 @@
-"""The one trainer of every torch head, and the estimator that wraps it.
+"""The one trainer of every torch head: its data (gather, batches, Standardized inputs) and
+its one epoch loop (`train_epochs`), which a fit alone (`SingleFit`, `train_module`) and the
+stacked fits of fuse.batched both run.
 
 AdamW on minibatches of the fit rows; after each epoch the inner validation rows are scored
 (macro-F1 or loss) and the best epoch's weights are kept; training stops after `patience`
 epochs without improvement and the best weights are restored. Only the rows passed as
-`val` are ever used for that choice.
+`val` are ever used for that choice. The estimator around it is fuse.nets.TorchClassifier.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from fusebench.cache import TokenFeatures
-from fusebench.fuse._util import DamagedModelError
-from fusebench.fuse.features import FeatureSet, Modality, check_inputs
-from fusebench.fuse.registry import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_value
+from fusebench.fuse.features import FeatureSet, Modality
+from fusebench.fuse.params import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check_values
 from fusebench.fuse.streaming import BUFFER_BLOCKS, block_order, resident
-from sklearn.exceptions import NotFittedError
 from sklearn.metrics import f1_score
 from torch import nn
 from tqdm.auto import tqdm
+
+from fusebench.devices import resolve_device  # noqa: F401  (re-exported: fuse.nets, fuse.batched)
 
 FORWARD_ARGS = (
     "text_tokens",
@@ -91,17 +91,9 @@ class TrainConfig:
                 f"unknown training option 'train.{unknown[0]}' for head '{head}'; valid: {', '.join(valid)}"
             )
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        prefix = f"head '{head}': train."
         return cls(
-            **{
-                k: check_value(
-                    v,
-                    like=defaults[k],
-                    what=f"head '{head}': train.{k}",
-                    bound=TRAIN_BOUNDS.get(k),
-                    choices=TRAIN_CHOICES.get(k),
-                )
-                for k, v in values.items()
-            }
+            **check_values(values, defaults, prefix, bounds=TRAIN_BOUNDS, choices=TRAIN_CHOICES)
         )
 
 
@@ -115,32 +107,6 @@ TRAIN_BOUNDS = {
     "grad_clip": NON_NEGATIVE,
 }
 TRAIN_CHOICES = {"monitor": ("macro_f1", "loss")}
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when torch sees a GPU, else cpu; refuses cuda without a GPU, or a GPU
-    index torch does not see."""
-    if not isinstance(device, str):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: torch sees no GPU here; use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) "
-                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); pick one of those"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: torch sees no Apple GPU here; use --device cpu")
-    elif dev.type not in ("cpu", "mps"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    return dev
 
 
 _warm: set[str] = set()
@@ -166,7 +132,8 @@ def gather(
     tokens: bool,
     device: torch.device,
 ) -> dict[str, torch.Tensor | None]:
-    """The forward() inputs for `rows` of fs; inputs of other modalities stay None.
+    """The forward() inputs for `rows` of fs: with `tokens`, each modality's tokens and mask,
+    else its pooled vector (what the head reads); every other input stays None.
 
     On a GPU the arrays are indexed where they are when they were moved there (they are, on
     first use, if they fit: fuse/streaming.py `resident`); else the batch is cut on the host
@@ -178,13 +145,12 @@ def gather(
         if held is not None and (held.tokens is not None or not tokens):
             batch.update(_gather_resident(mod, held, rows, m, tokens, device))
             continue
-        batch[f"{m}_pooled"] = _tensor(mod.pooled(rows), device)  # (b, D')
-        if tokens:
-            tok, mask = mod.tokens(rows)
-            batch[f"{m}_tokens"] = _tensor(tok, device)  # (b, L, D)
-            batch[f"{m}_mask"] = (
-                None if mask is None else torch.from_numpy(mask).to(device)
-            )  # (b, L)
+        if not tokens:
+            batch[f"{m}_pooled"] = _tensor(mod.pooled(rows), device)  # (b, D')
+            continue
+        tok, mask = mod.tokens(rows)
+        batch[f"{m}_tokens"] = _tensor(tok, device)  # (b, L, D)
+        batch[f"{m}_mask"] = None if mask is None else torch.from_numpy(mask).to(device)  # (b, L)
     return batch
 
 
@@ -200,13 +166,14 @@ def _gather_resident(
     gives (the same rows, cut to the same batch length)."""
     idx = mod.index[rows]  # (b,) cache rows, on the host
     at = torch.from_numpy(idx).to(device, non_blocking=True)
-    out = {f"{m}_pooled": held.pooled["pooled"].index_select(0, at).float()}  # (b, D')
-    if tokens:
-        length = mod.batch_length(idx)  # from the host mask: no device sync
-        cut = slice(None) if length is None else slice(0, length)
-        out[f"{m}_tokens"] = held.tokens[:, cut].index_select(0, at).float()  # (b, l, D)
-        out[f"{m}_mask"] = None if held.mask is None else held.mask[:, cut].index_select(0, at)
-    return out
+    if not tokens:
+        return {f"{m}_pooled": held.pooled["pooled"].index_select(0, at).float()}  # (b, D')
+    length = mod.batch_length(idx)  # from the host mask: no device sync
+    cut = slice(None) if length is None else slice(0, length)
+    return {
+        f"{m}_tokens": held.tokens[:, cut].index_select(0, at).float(),  # (b, l, D)
+        f"{m}_mask": None if held.mask is None else held.mask[:, cut].index_select(0, at),
+    }
 
 
 def _tensor(a: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -342,10 +309,9 @@ class Standardized(nn.Module):
 
 
 def scaled_dims(dims: InputDims, modalities: tuple[str, ...], tokens: bool) -> dict[str, int]:
-    """The inputs a head reads, with their widths: what Standardized keeps statistics of."""
-    wanted = [f"{m}_pooled" for m in modalities] + (
-        [f"{m}_tokens" for m in modalities] if tokens else []
-    )
+    """The inputs a head reads (tokens, or else pooled vectors), with their widths: what
+    Standardized keeps statistics of."""
+    wanted = [f"{m}_{'tokens' if tokens else 'pooled'}" for m in modalities]
     return {k: getattr(dims, k) for k in SCALED_INPUTS if k in wanted and getattr(dims, k)}
 
 
@@ -412,6 +378,145 @@ class TrainResult:
     history: list[dict[str, float]]  # per epoch: train_loss, val_loss, val_macro_f1
 
 
+class Members(Protocol):
+    """What the epoch loop (train_epochs) trains: one fit (SingleFit) or several stacked as
+    one (fuse.batched). A slot is the position of a member among those still training."""
+
+    def train_epoch(self) -> list[float]:
+        """One pass over each live member's fit rows; each one's mean training loss."""
+        ...
+
+    def val_logits(self) -> dict[int, torch.Tensor]:
+        """slot -> (n_val, C) float32 CPU logits on its inner-val rows (no rows: absent)."""
+        ...
+
+    def state(self, slot: int) -> dict[str, torch.Tensor]:
+        """A copy of the member's current state_dict."""
+        ...
+
+    def drop(self, slots: list[int]) -> None:
+        """The members at `slots` stop training (the others keep their order)."""
+        ...
+
+    def epoch_done(self, epoch: int, records: list[dict[str, float]]) -> None:
+        """Progress: the epoch's record of each live member."""
+        ...
+
+
+def train_epochs(
+    members: Members,
+    cfg: TrainConfig,
+    vals: Sequence[FeatureSet | None],
+    weights: Sequence[torch.Tensor | None],
+    n_classes: int,
+) -> tuple[list[TrainResult], list[dict[str, torch.Tensor]]]:
+    """The one epoch loop of every torch fit, alone or stacked: per epoch, a training pass,
+    each member's inner-val scores (weighted by its own class weights, as its loss), its
+    early stopping (EarlyStopping), its best state kept; a member that stops leaves the loop.
+    Returns per member its TrainResult and the state to load: its best epoch's (its last
+    epoch's when it never improved, e.g. NaN scores)."""
+    n = len(vals)
+    stoppers = [EarlyStopping(cfg.patience) for _ in range(n)]
+    histories: list[list[dict[str, float]]] = [[] for _ in range(n)]
+    best: list[dict | None] = [None] * n
+    y_val = [
+        None if v is None or not len(v) else torch.as_tensor(v.label, dtype=torch.long)
+        for v in vals
+    ]
+    alive = list(range(n))  # the member in each slot
+    for epoch in range(1, cfg.epochs + 1):
+        losses, logits, stopped = members.train_epoch(), members.val_logits(), []
+        for slot, m in enumerate(alive):
+            record = {"epoch": epoch, "train_loss": losses[slot]}
+            record.update(val_scores(logits.get(slot), y_val[m], weights[m], n_classes))
+            histories[m].append(record)
+            improved, stop = stoppers[m].update(record, cfg.monitor)
+            if improved:
+                best[m] = members.state(slot)
+            if stop or epoch == cfg.epochs:
+                stopped.append(slot)
+        members.epoch_done(epoch, [histories[m][-1] for m in alive])
+        for slot in stopped:
+            if best[alive[slot]] is None:  # never improved: its last weights
+                best[alive[slot]] = members.state(slot)
+        if len(stopped) == len(alive):
+            break
+        if stopped:
+            members.drop(stopped)
+            alive = [m for slot, m in enumerate(alive) if slot not in stopped]
+    results = [TrainResult(s.best_epoch, h) for s, h in zip(stoppers, histories)]
+    return results, best
+
+
+class SingleFit:
+    """One fit for train_epochs: a module (on `device`), AdamW over its trainable weights,
+    its own data order (default_rng(seed)) and dropout stream (torch.manual_seed(seed))."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        train: FeatureSet,
+        val: FeatureSet | None,
+        cfg: TrainConfig,
+        *,
+        seed: int,
+        modalities: tuple[str, ...],
+        tokens: bool,
+        device: torch.device,
+        bar: tqdm,
+    ) -> None:
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.module = module.to(device)
+        self.weight = None  # (C,) class weights of the loss, on the device
+        if cfg.class_weights:
+            counts = class_weight_vector(train.label, train.n_classes)
+            self.weight = torch.tensor(counts, dtype=torch.float32, device=device)
+        self.loss_fn = nn.CrossEntropyLoss(weight=self.weight)
+        self.opt = torch.optim.AdamW(
+            [p for p in module.parameters() if p.requires_grad],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
+        self.y = torch.as_tensor(train.label, dtype=torch.long)
+        self.train, self.val, self.cfg, self.bar = train, val, cfg, bar
+        self.inputs = {"modalities": modalities, "tokens": tokens, "device": device}
+        self.lengths = token_lengths(train, modalities, tokens)
+        self.blocks = row_blocks(train, modalities, tokens)  # token heads: block-aware order
+
+    def train_epoch(self) -> list[float]:
+        self.module.train()
+        total, device = 0.0, self.inputs["device"]
+        n = len(self.train)
+        for rows in batches(n, self.cfg.batch_size, self.rng, self.lengths, self.blocks):
+            logits = self.module(**gather(self.train, rows, **self.inputs))  # (b, C)
+            loss = self.loss_fn(logits, self.y[rows].to(device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            total += loss.item() * len(rows)
+            self.bar.update(len(rows))
+        return [total / max(n, 1)]
+
+    def val_logits(self) -> dict[int, torch.Tensor]:
+        if self.val is None or not len(self.val):
+            return {}
+        batch = self.cfg.eval_batch_size
+        return {0: predict_logits(self.module, self.val, **self.inputs, batch_size=batch)}
+
+    def state(self, slot: int) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def drop(self, slots: list[int]) -> None:  # one member: the loop ends when it stops
+        pass
+
+    def epoch_done(self, epoch: int, records: list[dict[str, float]]) -> None:
+        shown = {k: round(v, 3) for k, v in records[0].items() if k.startswith("val")}
+        self.bar.set_postfix(epoch=epoch, **shown)
+
+
 def train_module(
     module: nn.Module,
     train: FeatureSet,
@@ -425,72 +530,31 @@ def train_module(
     quiet: bool = True,
     desc: str = "",
 ) -> TrainResult:
-    """Trains `module` in place on `train`; `val` (inner validation rows only) picks the epoch."""
-    n_classes = train.n_classes
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    module.to(device)
-    weight = None
-    if cfg.class_weights:
-        weight = torch.tensor(
-            class_weight_vector(train.label, n_classes), dtype=torch.float32, device=device
-        )
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.AdamW(
-        [p for p in module.parameters() if p.requires_grad],
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-    )
-    y = torch.as_tensor(train.label, dtype=torch.long)
-    y_val = None if val is None else torch.as_tensor(val.label, dtype=torch.long)
-    stopper, best_state = EarlyStopping(cfg.patience), None
-    history: list[dict[str, float]] = []
-    n = len(train)
+    """Trains `module` in place on `train`; `val` (inner validation rows only) picks the
+    epoch, whose weights the module ends with."""
     bar = tqdm(
-        total=cfg.epochs * n, unit="sample", unit_scale=True, desc=desc, leave=False, disable=quiet
+        total=cfg.epochs * len(train),
+        unit="sample",
+        unit_scale=True,
+        desc=desc,
+        leave=False,
+        disable=quiet,
     )
-    lengths = token_lengths(train, modalities, tokens)
-    blocks = row_blocks(train, modalities, tokens)  # streamed tokens: block-aware order
-    for epoch in range(1, cfg.epochs + 1):
-        module.train()
-        total = 0.0
-        for rows in batches(n, cfg.batch_size, rng, lengths, blocks):
-            logits = module(
-                **gather(train, rows, modalities=modalities, tokens=tokens, device=device)
-            )  # (b, C)
-            loss = loss_fn(logits, y[rows].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-            opt.step()
-            total += loss.item() * len(rows)
-            bar.update(len(rows))
-        record = {"epoch": epoch, "train_loss": total / max(n, 1)}
-        logits = None
-        if val is not None and len(val):
-            logits = predict_logits(
-                module,
-                val,
-                modalities=modalities,
-                tokens=tokens,
-                device=device,
-                batch_size=cfg.eval_batch_size,
-            )
-        record.update(val_scores(logits, y_val, weight, n_classes))
-        history.append(record)
-        bar.set_postfix(
-            epoch=epoch, **{k: round(v, 3) for k, v in record.items() if k.startswith("val")}
-        )
-        improved, stop = stopper.update(record, cfg.monitor)
-        if improved:
-            best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        if stop:
-            break
+    fit = SingleFit(
+        module,
+        train,
+        val,
+        cfg,
+        seed=seed,
+        modalities=modalities,
+        tokens=tokens,
+        device=device,
+        bar=bar,
+    )
+    (result,), (best,) = train_epochs(fit, cfg, [val], [fit.weight], train.n_classes)
     bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    return TrainResult(best_epoch=stopper.best_epoch, history=history)
+    module.load_state_dict(best)
+    return result
 
 
 def val_scores(
@@ -536,200 +600,3 @@ class EarlyStopping:
             return True, False
         self.since += 1
         return False, bool(self.patience and self.since >= self.patience)
-
-
-class TorchClassifier:
-    """A torch head behind the estimator interface: fit(train, val) / predict_proba(rows).
-
-    module: a registered FusionHead class (fuse/nets.py); params: its hyperparameters;
-    train: how it is trained. Fitted state ends in `_`.
-    """
-
-    kind = "torch"
-
-    def __init__(
-        self, module: type, *, params: dict[str, Any], train: TrainConfig, seed: int = 42
-    ) -> None:
-        self.module = module
-        self.params = dict(params)
-        self.train = train
-        self.seed = seed
-
-    @property
-    def name(self) -> str:
-        return self.module.registry_name
-
-    @property
-    def needs_tokens(self) -> bool:
-        return bool(self.module.uses_tokens(self.params))
-
-    def __repr__(self) -> str:
-        return f"TorchClassifier({self.name}, seed={self.seed})"
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "head": self.name,
-            "params": dict(self.params),
-            "train": asdict(self.train),
-            "seed": self.seed,
-        }
-
-    def fit(
-        self,
-        train: FeatureSet,
-        val: FeatureSet | None = None,
-        *,
-        quiet: bool = True,
-        desc: str | None = None,
-    ) -> TorchClassifier:
-        """Trains on `train`; `val` (rows disjoint from any scored rows) picks the epoch.
-        desc: the label of its epoch bar (default "<head> seed <seed>")."""
-        modalities, dims, module = self.initial_module(train)
-        device = resolve_device(self.train.device)
-        warm_up(device)
-        start = time.perf_counter()
-        module = self.standardized(module, train, modalities, dims)
-        result = train_module(
-            module,
-            train,
-            val,
-            self.train,
-            seed=self.seed,
-            modalities=modalities,
-            tokens=self.needs_tokens,
-            device=device,
-            quiet=quiet,
-            desc=desc or f"{self.name} seed {self.seed}",
-        )
-        return self.fitted(
-            module,
-            result,
-            train_time=time.perf_counter() - start,
-            device=device,
-            modalities=modalities,
-            dims=dims,
-            classes=train.classes,
-        )
-
-    def initial_module(self, train: FeatureSet) -> tuple[tuple[str, ...], InputDims, nn.Module]:
-        """(modalities, dims, the untrained head) for `train`; its initial weights depend on
-        the seed only (torch.manual_seed right before building), whoever trains it."""
-        modalities = check_inputs(
-            train,
-            head=self.name,
-            modalities=self.module.modalities,
-            require=self.module.require,
-            tokens=self.needs_tokens,
-        )
-        torch.manual_seed(self.seed)
-        dims = InputDims.of(train)
-        return modalities, dims, self.module(dims, train.n_classes, **self.params)
-
-    def standardized(
-        self, module: nn.Module, train: FeatureSet, modalities: tuple[str, ...], dims: InputDims
-    ) -> nn.Module:
-        """module behind Standardized with the statistics of `train` (the fit rows only), or
-        module itself when train.standardize is off."""
-        if not self.train.standardize:
-            return module
-        names = scaled_dims(dims, modalities, self.needs_tokens)
-        return Standardized(module, names).set_stats(input_stats(train, tuple(names)))
-
-    def fitted(
-        self,
-        module: nn.Module,
-        result: TrainResult,
-        *,
-        train_time: float,
-        device: torch.device,
-        modalities: tuple[str, ...],
-        dims: InputDims,
-        classes: tuple[str, ...],
-    ) -> TorchClassifier:
-        """Sets the fitted state (`module` holds the best epoch's weights); returns self."""
-        self.train_time_ = train_time
-        self.module_ = module.eval()
-        self.device_ = device
-        self.modalities_ = modalities
-        self.dims_ = dims
-        self.classes_ = tuple(classes)
-        self.best_iteration_ = result.best_epoch
-        self.history_ = result.history
-        self.n_params_ = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        return self
-
-    def predict_proba(self, rows: FeatureSet) -> np.ndarray:
-        """(n, C) class probabilities for every row of `rows`, in order."""
-        if not hasattr(self, "module_"):
-            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
-        logits = predict_logits(
-            self.module_,
-            rows,
-            modalities=self.modalities_,
-            tokens=self.needs_tokens,
-            device=self.device_,
-            batch_size=self.train.eval_batch_size,
-        )
-        return torch.softmax(logits, dim=1).numpy()
-
-    def save(self, folder: str | Path) -> None:
-        """folder/head.json (what to rebuild) + folder/state.pt (the fitted weights)."""
-        if not hasattr(self, "module_"):
-            raise NotFittedError(f"this {self!r} is not fitted yet; call fit(train, val) first")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in self.module_.state_dict().items()}, folder / "state.pt")
-        meta = {
-            "kind": self.kind,
-            **self.get_config(),
-            "dims": asdict(self.dims_),
-            "modalities": list(self.modalities_),
-            "classes": list(self.classes_),
-            "needs_tokens": self.needs_tokens,
-            "best_iteration": self.best_iteration_,
-            "n_params": self.n_params_,
-        }
-        (folder / "head.json").write_text(json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path, *, device: str = "auto") -> TorchClassifier:
-        """The head saved by save(); a missing or damaged file is a DamagedModelError."""
-        from fusebench.fuse.registry import get_head
-
-        folder = Path(folder)
-        dev = resolve_device(device)  # a bad --device is the user's flag, not damage
-        try:
-            meta = json.loads((folder / "head.json").read_text())
-            module_cls = get_head(meta["head"])
-            # models saved before inputs were standardised have no statistics: load them as such
-            saved = {"standardize": False, **meta["train"], "device": device}
-            train = TrainConfig.from_dict(saved, head=meta["head"])
-            self = cls(module_cls, params=meta["params"], train=train, seed=meta["seed"])
-            self.dims_ = InputDims(**meta["dims"])
-            self.classes_ = tuple(meta["classes"])
-            self.modalities_ = tuple(meta["modalities"])
-            module = module_cls(self.dims_, len(self.classes_), **self.params)
-            if train.standardize:
-                names = scaled_dims(self.dims_, self.modalities_, bool(meta["needs_tokens"]))
-                module = Standardized(module, names)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DamagedModelError(
-                f"{folder / 'head.json'} is damaged ({type(e).__name__}: {e}); rerun the "
-                "`fusebench fuse` or `compare` command that made the run"
-            ) from None
-        try:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-            module.load_state_dict(state)
-        except Exception as e:  # torch.load raises many kinds on a truncated or foreign file
-            what = " ".join(str(e).split())[:160]
-            raise DamagedModelError(
-                f"{folder / 'state.pt'} cannot be loaded ({type(e).__name__}: {what}); it is "
-                "missing or damaged — rerun the `fusebench fuse` or `compare` command that "
-                "made the run"
-            ) from None
-        self.device_ = dev
-        self.module_ = module.to(self.device_).eval()
-        self.best_iteration_ = meta.get("best_iteration")
-        self.n_params_ = meta.get("n_params")
-        self.history_ = []
-        return self

@@ -25,8 +25,7 @@ The real thing, on your data and a real image encoder:
 ====================================================================================
 MSG
 [ -f "$DATA/train.txt" ] || $FB data synth --out "$DATA"
-$FB extract --encoder minilm --data "$DATA" --out "$OUT/features"
-$FB extract --encoder minilm-cls --data "$DATA" --out "$OUT/features"
+$FB extract --encoder minilm,minilm-cls --data "$DATA" --out "$OUT/features"  # one pass, one model load
 $FB extract --encoder vit --model configs/demo/vit-random --random-init \
     --data "$DATA" --out "$OUT/features"
 $FB compare --heads all --features "$OUT/features/lab5-synthetic" --text minilm,minilm-cls \

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner, Result
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -169,3 +170,51 @@ def write_noise_cache(path: Path, n: int, dim: int, seed: int = 3) -> None:
         text=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, dim)).astype(np.float16)}),
         image=TokenFeatures(None, None, {"pooled": rng.normal(size=(n, dim)).astype(np.float16)}),
     )
+
+
+# ---------------------------------------------------------------- the CLI harness
+# Every test module runs `fusebench` in process through these (typer's CliRunner: result.stdout
+# and result.stderr apart, result.output both as a terminal shows them).
+
+
+def cli(*args: object) -> Result:
+    """`fusebench ARGS`, each argument str()-ed."""
+    from fusebench.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def no_traceback(result: Result) -> Result:
+    """`result`, asserting nothing escaped as a traceback (CliRunner keeps an escaped
+    exception in result.exception; SystemExit is the command's own exit)."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    return result
+
+
+def ok(result: Result) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def error_line(output: str) -> str:
+    """The one line of `output`, which must be `error: ...`: no other line, blank or not (a
+    progress-bar redraw, \\r, counts as a line of its own)."""
+    lines = output.replace("\r", "\n").strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def one_line_error(result: Result, code: int | None = None) -> str:
+    """The single `error: ...` line a failed command printed, on stderr, and nothing else on
+    stdout or stderr; no traceback. code: the exit code it must have (the table in
+    fusebench/cli_errors.py)."""
+    no_traceback(result)
+    assert result.exit_code != 0, result.output
+    assert code is None or result.exit_code == code, (result.exit_code, result.output)
+    line = error_line(result.output)
+    assert error_line(result.stderr) == line, result.output
+    return line

@@ -18,10 +18,8 @@ from fusebench.fuse.grid import resolve_settings
 from fusebench.fuse.nets import ConcatMLP
 from fusebench.fuse.protocol import Fold
 from fusebench.fuse.registry import HEADS
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import write_noise_cache
+from tests.conftest import cli, write_noise_cache
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -221,9 +219,8 @@ def test_one_at_a_time_is_a_replayed_setting(syn, tmp_path):
     (tmp_path / "config.yaml").write_text("one_at_a_time: true\n")
     replay = resolve_settings("compare", given | {"one_at_a_time": False}, ["features"], tmp_path)
     assert replay.one_at_a_time
-    out = CliRunner().invoke(
-        app,
-        ["compare", "--features", str(syn), "--heads", "concat_mlp", "--text", "syn"]
+    out = cli(
+        *["compare", "--features", str(syn), "--heads", "concat_mlp", "--text", "syn"]
         + ["--image", "syn", "--one-at-a-time", "--print-config"],
     )
     assert out.exit_code == 0, out.output

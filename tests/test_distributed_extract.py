@@ -1,4 +1,4 @@
-"""Sharded extraction under torchrun (DESIGN §12, extract/distributed.py): 2 ranks with the gloo
+"""Sharded extraction under torchrun (docs/architecture.md §8, extract/distributed.py): 2 ranks with the gloo
 backend on CPU write ONE cache equal to a single-process run's, also after a rank is killed
 midway and the same command is rerun; a failure on any rank stops every rank with one line.
 
@@ -22,7 +22,7 @@ import pytest
 from fusebench.cache import exclusive_lock, parts_dir
 from fusebench.cache.integrity import ATTRS
 from fusebench.extract.distributed import Failure, Shard
-from fusebench.extract.loop import ExtractError, extract
+from fusebench.extract.loop import ExtractError, extract, extract_many
 
 from tests.conftest import REPO, make_lab5
 
@@ -106,9 +106,11 @@ def corpus(tmp_path_factory, tiny_models, one_torch_thread) -> tuple[Path, dict]
     return data, _contents(rep.path)
 
 
-def _same_as_single(path: Path, single: dict) -> None:
+def _same_as_single(
+    path: Path, single: dict, arrays: tuple[str, ...] = ("text/tokens", "image/tokens")
+) -> None:
     got = _contents(path)
-    assert got.keys() == single.keys() and "text/tokens" in got and "image/tokens" in got
+    assert got.keys() == single.keys() and all(name in got for name in arrays)
     for name in got:
         assert got[name] == single[name], f"{name} differs from the single-process cache"
 
@@ -203,3 +205,37 @@ def test_another_ranks_failure_keeps_its_kind_and_names_the_rank():
     assert type(lost) is FileNotFoundError and str(lost) == "no such data"  # rank 0's as is
     run = Failure.of(2, RuntimeError("disk\nfull")).error(0)
     assert isinstance(run, ExtractError) and str(run) == "rank 2: disk full"
+
+
+def test_two_ranks_extract_two_encoders_in_one_pass_as_one_process(tmp_path, tiny_models, corpus):
+    """`--encoder bert,vit` under torchrun: each rank computes its share (b % 2) of BOTH plans
+    in one pass over the data; rank 0 assembles both caches, equal to a single process's."""
+    data, _ = corpus
+    names = ("bert", "vit")
+    single = extract_many(
+        data,
+        ",".join(names),
+        model=",".join(str(tiny_models[n]) for n in names),
+        out=tmp_path / "single",
+        batch_size=BATCH,
+        num_workers=0,
+        quiet=True,
+    )
+    assert [rep.ok for rep in single] == [18, 18]
+    out = tmp_path / "features"
+    args = _cli(tiny_models, data, out)
+    args[args.index("clip")] = ",".join(names)
+    args[args.index(str(tiny_models["clip"]))] = ",".join(str(tiny_models[n]) for n in names)
+    run = _torchrun("cli.py", args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for rep in single:
+        final = out / "lab5-dist" / rep.path.name
+        _same_as_single(
+            final,
+            _contents(rep.path),
+            ("text/tokens",) if "bert" in rep.path.name else ("image/tokens",),
+        )
+        assert not parts_dir(final).exists()
+    # rank 1: bert's text batches 1, 3 and vit's image batches 1, 3 of the 5 + 5
+    assert "rank 1: computed 4 batches" in run.stdout, run.stdout
+    assert run.stdout.count("18 ok, 0 failed; computed 18 rows, reused 0") == 2, run.stdout

@@ -1,4 +1,4 @@
-"""Stage one end to end: tiny ViT / BERT / CLIP checkpoints through `extract` (DESIGN §4),
+"""Stage one end to end: tiny ViT / BERT / CLIP checkpoints through `extract` (docs/architecture.md §4),
 the cache format v1 (§5), bad samples reported by guid, stale / incomplete caches refused,
 and one writer per cache (§10). The CLI is driven with CliRunner; numbers are checked
 against a direct forward of the same checkpoint through plain transformers."""
@@ -32,21 +32,14 @@ from fusebench.extract.encoders import create_encoder, list_encoders
 from fusebench.extract.loop import cache_path, extract, plan_batches
 from fusebench.extract.verify import current_config, rebuild_encoder
 from PIL import Image
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from fusebench.cli import app
-from tests.conftest import make_lab5, write_image
+from tests.conftest import cli, make_lab5, write_image
 
 # "Equal to float16 precision": a few float16 ulps at |x| ~ 1 (what verify also allows).
 ATOL, RTOL = 2e-3, 4e-3
 MAX_LENGTH = {"bert": 128, "clip": 77}  # configs/encoders/*.yaml
 D, PROJ, IMAGE_TOKENS = 32, 16, 17  # tiny dims: hidden 32, CLIP projection 16, 16 patches + CLS
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> Result:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def run_extract(data: Path, out: Path, encoder: str, model: Path | None, *extra: object) -> Result:
@@ -301,7 +294,7 @@ def test_batched_sorted_padded_rows_equal_single_sample_forward(name, tiny_model
             assert_f16_close(store.text.pooled["pooled"][r], hidden[0], f"row {r} cls")
             assert_f16_close(store.text.pooled["pooled_mean"][r], hidden.mean(0), f"row {r} mean")
 
-    # Sorted by token length: batches pad to little more than their own longest (DESIGN §9),
+    # Sorted by token length: batches pad to little more than their own longest (docs/architecture.md §9),
     # where dataset-order batches of the same size would pad far more.
     assert report.real_tokens == sum(lengths)
     in_order = sum(len(b) * max(b) for b in (lengths[i : i + 4] for i in range(0, len(lengths), 4)))
@@ -498,7 +491,7 @@ def test_rerun_is_up_to_date_and_other_settings_need_overwrite(bert_cache):
 
     result = run_extract(data, out, "bert", model, "--batch-size", "8")
     assert result.exit_code != 0
-    assert "--overwrite" in result.output and "batch_size" in result.output
+    assert "--overwrite" in result.output and "--batch-size 32, now 8" in result.output
     assert FeatureStore.open(final).config["batch_size"] == 32  # untouched
 
     result = run_extract(data, out, "bert", model, "--batch-size", "8", "--overwrite")
@@ -548,7 +541,8 @@ def test_layer_option_stores_that_hidden_layer(tiny_models, lab5, tmp_path):
     result = run_extract(lab5, tmp_path / "l1", "bert", path, "--layer", "1")
     assert result.exit_code == 0, result.output
     last = FeatureStore.open(cache_path(tmp_path / "last", "lab5-mini", "bert"))
-    layer1 = FeatureStore.open(cache_path(tmp_path / "l1", "lab5-mini", "bert"))
+    layer1 = FeatureStore.open(cache_path(tmp_path / "l1", "lab5-mini", "bert", 1))
+    assert layer1.path.name == "bert-l1.h5"  # another layer, another cache: stage two's bert-l1
     assert layer1.config["layer"] == 1 and last.config["layer"] is None
     assert not np.allclose(f32(layer1.text.tokens), f32(last.text.tokens), atol=ATOL, rtol=RTOL)
     text = load_dataset(lab5).samples[3].text

@@ -23,10 +23,8 @@ from fusebench.extract.fastimage import FastImagePath
 from fusebench.extract.loop import cache_path
 from fusebench.extract.verify import verify
 from PIL import Image
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import TINY
+from tests.conftest import TINY, cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -257,7 +255,7 @@ def test_encoder_falls_back_to_the_processor_with_one_note(tiny_models):
 
 def _extract_cli(lab5: Path, out: Path, model: Path, *extra: str):
     args = ["extract", "--data", str(lab5), "--encoder", "vit", "--model", str(model)]
-    return CliRunner().invoke(app, [*args, "--out", str(out), "--workers", "0", "--quiet", *extra])
+    return cli(*args, "--out", str(out), "--workers", "0", "--quiet", *extra)
 
 
 def test_exact_preprocess_changes_the_fingerprint_and_verify_follows_the_path(
@@ -334,7 +332,7 @@ def test_lab5_dev_fast_features_match_the_processor(kind, tiny_models, tmp_path,
             f"\n{kind}: pooled cosine min {pooled.min():.6f}, tokens cosine min {patches.min():.6f}, "
             f"pixels max abs diff {diff.max():.3f} mean {diff.mean():.4f} (normalised units)"
         )
-    assert pooled.min() >= 0.999  # DESIGN §9
+    assert pooled.min() >= 0.999  # docs/architecture.md §9
     # per token the reduced-size decode shows more (measured: min 0.978 ViT, 0.977 CLIP on
     # these random towers); this bound only catches a path that broke
     assert patches.min() >= 0.95

@@ -26,15 +26,15 @@ from fusebench.extract.datasets import (
 )
 from fusebench.extract.loop import cache_config
 from PIL import Image
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli as run_cli
+from tests.conftest import error_line as one_error_line
+from tests.conftest import no_traceback
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 hf = pytest.importorskip("datasets")
 
-runner = CliRunner()
 WORDS = ["happy", "sad", "great", "awful", "cat", "dog", "sunny", "rain", "love", "hate"]
 
 
@@ -113,16 +113,8 @@ def write_manifest(root: Path, rows: list[dict], kind: str, names: dict | None =
 
 def cli(*args: object) -> tuple[int, str]:
     """Invoke the CLI; (exit code, stdout + stderr); never a traceback."""
-    result = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    result = no_traceback(run_cli(*args))
     return result.exit_code, result.output
-
-
-def one_error_line(output: str) -> str:
-    lines = output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    return lines[0]
 
 
 def identity(dataset: Dataset) -> list[tuple]:
@@ -175,7 +167,7 @@ def test_every_format_reads_the_same_samples(tmp_path: Path, kind: str):
 def test_embedded_images_are_reread_one_row_group_at_a_time(tmp_path: Path):
     rows = rows_of([i % 2 for i in range(10)])
     dataset = load_dataset(write_manifest(tmp_path / "d", rows, "parquet-bytes"))
-    from fusebench.extract import datasets as module
+    from fusebench.extract.datasets import embedded as module  # where the reader lives
 
     for i in (9, 0, 5, 4, 1):  # any order; row groups hold 4 rows
         assert np.array_equal(np.asarray(open_sample_image(dataset.samples[i])),
@@ -290,7 +282,7 @@ def test_labels_flag_fixes_the_order_and_rejects_a_stray_label_by_guid(tmp_path:
     rows = rows_of([1, 2, 3, 4, 5, 7, 1])
     data = write_manifest(tmp_path / "d", rows, "parquet-bytes")
     code, output = cli("data", "check", "--data", data, "--labels", "5,4,3,2,1")
-    assert code == 0, output
+    assert code == 1, output  # a fatal sample: data check exits 1
     assert "classes: 5, 4, 3, 2, 1" in output
     assert "unknown label: 1 (fatal)" in output
     (line,) = [x for x in output.splitlines() if x.startswith("  ") and "unknown label" in x]
@@ -362,7 +354,7 @@ def test_embedded_image_problems_name_the_row(tmp_path: Path):
     rows[2]["image"] = b""
     data = write_manifest(tmp_path / "d", rows, "parquet-bytes")
     code, output = cli("data", "check", "--data", data)
-    assert code == 0
+    assert code == 1  # fatal samples: data check exits 1
     assert (
         "g1  image   image in row 1 (0-based) of manifest.parquet (column image) is truncated"
         in output
@@ -389,13 +381,14 @@ def test_text_only_five_integer_classes_extract_fuse_predict(tmp_path: Path):
     code, output = cli("extract", "--encoder", "vit", "--data", data, "--out", out, *flags)
     assert (
         code == 2
-        and "encoder 'vit' reads images, but dataset reviews has none" in one_error_line(output)
+        and "encoder 'vit' reads images, but dataset reviews-data has none"
+        in one_error_line(output)
     )
     code, output = cli(
         "extract", "--encoder", "minilm", "--data", data, "--out", out, "--quiet", *flags
     )
     assert code == 0, output
-    code, output = cli("fuse", "--head", "text_only", "--features", out / "reviews", "--text",
+    code, output = cli("fuse", "--head", "text_only", "--features", out / "reviews-data", "--text",
                        "minilm", "--image", "none", "--epochs", 3, "--out", runs, "--quiet")  # fmt: skip
     assert code == 0, output
     (run,) = runs.iterdir()

@@ -23,14 +23,14 @@ from fusebench.fuse import (
 )
 from fusebench.fuse.experiment import evaluate_head
 from fusebench.fuse.metrics import aggregate
+from fusebench.fuse.nets import TorchClassifier
 from fusebench.fuse.protocol import Fold, scorable_rows
 from fusebench.fuse.registry import CONFIG_DIR, HEADS, Registry, UnknownHeadError, get_head
-from fusebench.fuse.trainer import TorchClassifier, batches, class_weight_vector
+from fusebench.fuse.trainer import batches, class_weight_vector
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import f1_score
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli as invoke
 from tests.conftest import write_noise_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,6 @@ EPOCHS = 8  # enough for every torch head on the easy set; early stopping may en
 SMALL = {
     "lightgbm": {"n_estimators": 150, "n_jobs": 1}
 }  # boosting never stops early on separable data
-runner = CliRunner()
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -153,10 +152,6 @@ def perturbed(fs, modality: str, seed: int = 5):
         f.pooling,
     )
     return replace(fs, **{modality: replace(mod, feats=noise)})
-
-
-def invoke(*args) -> object:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def one_run_dir(runs: Path) -> Path:
@@ -695,22 +690,19 @@ def test_labelled_rows_outside_train_are_named_not_silently_unused(tmp_path):
     data = synthetic(n_train=90, n_test=0, tokens=False, seed=3)
     data["split"] = ["val" if k < 12 else s for k, s in enumerate(data["split"])]
     write(tmp_path / "feats" / "syn.h5", data)
-    result = runner.invoke(
-        app,
-        [
-            "fuse",
-            "--head",
-            "logreg",
-            "--features",
-            str(tmp_path / "feats"),
-            "--text",
-            "syn",
-            "--image",
-            "syn",
-            "--out",
-            str(tmp_path / "runs"),
-            "--quiet",
-        ],
+    result = invoke(
+        "fuse",
+        "--head",
+        "logreg",
+        "--features",
+        str(tmp_path / "feats"),
+        "--text",
+        "syn",
+        "--image",
+        "syn",
+        "--out",
+        str(tmp_path / "runs"),
+        "--quiet",
     )
     assert result.exit_code == 0, result.output
     assert "12 in split 'val'" in result.output

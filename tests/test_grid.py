@@ -19,12 +19,10 @@ from fusebench.fuse.grid import parse_assignment
 from fusebench.fuse.metrics import mean_std
 from fusebench.fuse.predict import load_head
 from fusebench.fuse.protocol import StratifiedProtocol
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli as invoke
 from tests.test_fuse import synthetic, write
 
-runner = CliRunner()
 HEADS = "concat_mlp,text_only,image_only,logreg"
 CELLS = {  # what `compare --text ta,tb --image iv,none --heads HEADS` must run, each once
     "ta+iv/concat_mlp",
@@ -40,10 +38,6 @@ CELLS = {  # what `compare --text ta,tb --image iv,none --heads HEADS` must run,
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -8,10 +8,8 @@ import csv
 import numpy as np
 import pytest
 from fusebench.cache import FeatureStore
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import LAB5_DEV
+from tests.conftest import LAB5_DEV, cli
 
 pytestmark = pytest.mark.skipif(not LAB5_DEV.exists(), reason="../shared/data/lab5-dev not present")
 
@@ -22,9 +20,8 @@ def _index(name: str) -> list[tuple[str, str]]:
 
 
 def test_extract_minilm_on_lab5_dev(tmp_path):
-    res = CliRunner().invoke(
-        app,
-        [
+    res = cli(
+        *[
             "extract",
             "--encoder",
             "minilm",

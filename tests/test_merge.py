@@ -1,4 +1,4 @@
-"""`fusebench cache merge` (DESIGN §12): parts of one dataset, extracted apart and merged, equal
+"""`fusebench cache merge` (docs/architecture.md §8): parts of one dataset, extracted apart and merged, equal
 the dataset extracted whole; caches of other encoders, settings, data or classes are refused in
 one line."""
 
@@ -14,29 +14,19 @@ from fusebench.cache import FeatureStore, MergeError, TokenFeatures, fingerprint
 from fusebench.cache.integrity import verify_digests
 from fusebench.cache.merge import merge_sources
 from fusebench.cache.writer import temp_path, write_features
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import make_lab5
+from tests.conftest import cli, make_lab5, one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ATOL, RTOL = 2e-3, 4e-3  # float16 batching tolerance (as tests/test_extract.py)
-runner = CliRunner()
-
-
-def cli(*args: object):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1, result.output
+    line = one_line_error(result)
     for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+        assert n in line, line
+    return line
 
 
 # ------------------------------------------------------------------------------ real extraction

@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 from fusebench.cache import parts_dir
 from fusebench.extract.datasets import Sample, open_sample_image
-from fusebench.extract.loop import ExtractInterrupted, cache_path, extract
-from fusebench.extract.multi import extract_many, load_once
+from fusebench.extract.images import load_once
+from fusebench.extract.loop import ExtractInterrupted, cache_path, extract, extract_many
 from PIL import ImageFile
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import make_lab5, write_image
+from tests.conftest import cli, make_lab5, write_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,7 +218,7 @@ def test_cli_skips_an_up_to_date_encoder_while_computing_the_other(
     models = f"{tiny_models['vit']},{tiny_models['clip']}"
     args = ["extract", "--encoder", "vit,clip", "--model", models, "--data", str(corpus)]
     args += ["--out", str(out), "--batch-size", "4", "--workers", "0", "--quiet"]
-    result = CliRunner().invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     assert f"{vit} is up to date" in result.stdout
     assert (
@@ -234,12 +232,12 @@ def test_cli_skips_an_up_to_date_encoder_while_computing_the_other(
 def test_setup_errors_are_one_line_before_any_model_loads(
     corpus, tiny_models, tmp_path, monkeypatch
 ):
-    import fusebench.extract.loop as L
+    import fusebench.extract.plan as P
 
     def no_model(*a, **k):
         raise AssertionError("a model loaded before the options were checked")
 
-    monkeypatch.setattr(L, "build_encoder", no_model)
+    monkeypatch.setattr(P, "build_encoder", no_model)
     cases = [
         (["--encoder", "vit,nosuch"], "unknown encoder 'nosuch'"),
         (
@@ -249,9 +247,7 @@ def test_setup_errors_are_one_line_before_any_model_loads(
         (["--encoder", ",,"], "--encoder is empty"),
     ]
     for args, phrase in cases:
-        result = CliRunner().invoke(
-            app, ["extract", *args, "--data", str(corpus), "--out", str(tmp_path)]
-        )
+        result = cli("extract", *args, "--data", str(corpus), "--out", str(tmp_path))
         assert result.exit_code == 2, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert len(lines) == 1 and phrase in lines[0] and "Traceback" not in result.output, lines

@@ -29,9 +29,8 @@ import numpy as np
 import pytest
 from fusebench.cache import TokenFeatures, write_features
 from fusebench.cache.naming import cache_file, cache_stem
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = (
@@ -45,7 +44,6 @@ SOURCES = (
     "configs",
 )
 VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]
-runner = CliRunner()
 
 
 def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -241,7 +239,7 @@ def test_the_installed_wheel_runs_from_another_directory(venv, tmp_path):
                 "--encoder",
                 "vit",
                 "--model",
-                "package:configs/demo/vit-random",
+                "package:fusebench.configs/demo/vit-random",
                 "--random-init",
                 "--data",
                 "tweets/tweets.parquet",
@@ -306,7 +304,7 @@ def test_a_builtin_head_without_its_yaml_is_an_error_naming_the_file(tmp_path, m
     monkeypatch.setattr(registry, "CONFIG_DIR", tmp_path / "heads")
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "heads" / "late.yaml"))):
         registry.head_config("late")
-    result = runner.invoke(app, ["fuse", "--head", "late", "--features", str(tmp_path)])
+    result = cli("fuse", "--head", "late", "--features", str(tmp_path))
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "late.yaml is missing" in lines[0] and "reinstall" in lines[0]
@@ -330,17 +328,17 @@ def test_missing_encoder_configs_are_an_error_naming_the_folder(tmp_path, monkey
     monkeypatch.setattr(encoders, "CONFIG_DIR", tmp_path / "encoders")
     with pytest.raises(FileNotFoundError, match="no encoder configs in"):
         encoders.load_spec("minilm")
-    result = runner.invoke(app, ["extract", "--encoder", "minilm", "--data", str(tmp_path)])
+    result = cli("extract", "--encoder", "minilm", "--data", str(tmp_path))
     assert result.exit_code == 2
     assert str(tmp_path / "encoders") in result.output and "reinstall fusebench" in result.output
     assert "choose one of  or" not in result.output  # the old, empty list
 
 
 def test_version_and_short_help():
-    result = runner.invoke(app, ["--version"])
+    result = cli("--version")
     assert result.exit_code == 0 and result.output.strip() == f"fusebench {VERSION}"
     for args in (["-h"], ["compare", "-h"], ["cache", "info", "-h"]):
-        result = runner.invoke(app, args)
+        result = cli(*args)
         assert result.exit_code == 0 and "Usage:" in result.output, args
 
 
@@ -380,9 +378,8 @@ def test_an_hf_cache_written_by_extract_is_found_by_fuse(tiny_models, lab5, tmp_
     assert report.path.name == f"{cache_stem(bert)}.h5" and report.path.is_file()
     fs = load_feature_set(report.path.parent, text=bert, image=None)
     assert len(fs) == report.ok and fs.text.path == report.path
-    result = runner.invoke(
-        app,
-        [
+    result = cli(
+        *[
             "fuse",
             "--head",
             "logreg",

@@ -18,30 +18,15 @@ from fusebench.fuse import load_feature_set
 from fusebench.fuse.grid import cell_slug
 from fusebench.fuse.predict import load_head
 from sklearn.metrics import accuracy_score, f1_score, log_loss
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import LAB5_DEV
+from tests.conftest import LAB5_DEV, one_line_error
+from tests.conftest import cli as invoke
 from tests.test_fuse import CLASSES, synthetic, write
 
-runner = CliRunner()
 SEEDS = (1, 2)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, code: int | None = None) -> str:
-    assert r.exit_code != 0, r.output
-    assert code is None or r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -25,9 +25,8 @@ from fusebench.fuse.report import (
 )
 from fusebench.fuse.report_html import load_run, write_report
 from PIL import Image
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli
 
 CLASSES = ["negative", "neutral", "positive"]
 TORCH = ("cross_attn", "concat_mlp")
@@ -109,6 +108,7 @@ def write_run(folder: Path, results: dict, **config) -> Path:
         "protocol": {"folds": 2, "split_seed": 42, "description": results["protocol"]},
         "allow_stale": False, "stale_caches": {}, "versions": {"fusebench": "0.1.0"},
         "rows": {"usable": 80, "per_fold": [{"fit": 36, "inner_val": 4, "scored": 40}] * 2,
+                 "digest": "sha256-of-the-scored-guids-and-labels",
                  "excluded": [{"guid": HOSTILE, "split": "train", "reason": "failed"}]},
         "best_cell": results["ranking"][0],
     }  # fmt: skip
@@ -268,12 +268,12 @@ def _bad_runs(tmp_path: Path, good: Path) -> dict[str, Path]:
 
 def test_a_missing_or_damaged_run_folder_is_one_line(small, tmp_path):
     for name, path in _bad_runs(tmp_path, small).items():
-        result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r.html")])
+        result = cli("report", path, "--out", tmp_path / "r.html")
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2, (name, result.output)
         assert len(lines) == 1 and str(path) in lines[0] and "Traceback" not in result.output, name
         assert not (tmp_path / "r.html").exists(), name  # nothing half-written
-    result = CliRunner().invoke(app, ["report", str(small), "--out", str(tmp_path / "ok.html")])
+    result = cli("report", small, "--out", tmp_path / "ok.html")
     assert result.exit_code == 0 and (tmp_path / "ok.html").is_file()
 
 
@@ -309,10 +309,10 @@ def test_report_of_a_real_compare_run(tmp_path):
     args = ["compare", "--features", tmp_path / "ds", "--text", "txt", "--image", "img,none",
             "--heads", "logreg,concat_mlp", "--folds", 2, "--seeds", 1, "--epochs", 2,
             "--out", tmp_path / "runs", "--quiet"]  # fmt: skip
-    r = CliRunner().invoke(app, [str(a) for a in args])
+    r = cli(*args)
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "runs").iterdir()
-    r = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html")])
+    r = cli("report", run, "--out", tmp_path / "r.html")
     assert r.exit_code == 0, r.output
     page = (tmp_path / "r.html").read_text()
     results = json.loads((run / "results.json").read_text())

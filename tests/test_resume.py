@@ -1,5 +1,5 @@
 """SIGKILL part-way through `extract`, rerun: nothing finished is redone or lost, and the
-result is byte-identical to an uninterrupted run (DESIGN §10)."""
+result is byte-identical to an uninterrupted run (docs/architecture.md §10)."""
 
 from __future__ import annotations
 

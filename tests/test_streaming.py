@@ -19,9 +19,8 @@ from fusebench.fuse.features import Modality
 from fusebench.fuse.grid import Cell, load_bank
 from fusebench.fuse.streaming import fits_on_device, parse_size, plan_streaming, resident
 from fusebench.fuse.trainer import BUFFER_BLOCKS, batches, gather, row_blocks
-from typer.testing import CliRunner
 
-from fusebench.cli import app
+from tests.conftest import cli
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fuse import synthetic, write  # noqa: E402
@@ -224,13 +223,12 @@ def test_gather_from_device_copies_equals_gather_from_numpy(cache_dir, monkeypat
 
 
 def test_memory_budget_flag_is_checked_and_recorded(cache_dir):
-    runner = CliRunner()
     base = ["fuse", "--head", "cross_attn", "--features", str(cache_dir)]
-    bad = runner.invoke(app, [*base, "--text", "syn", "--image", "syn", "--memory-budget", "lots"])
+    bad = cli(*base, "--text", "syn", "--image", "syn", "--memory-budget", "lots")
     assert bad.exit_code == 2 and "--memory-budget must be" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
-    shown = runner.invoke(
-        app, [*base, "--text", "syn", "--image", "syn", "--memory-budget", "1GB", "--print-config"]
+    shown = cli(
+        *base, "--text", "syn", "--image", "syn", "--memory-budget", "1GB", "--print-config"
     )
     assert shown.exit_code == 0, shown.output
     assert "memory_budget: 1GB" in shown.output

@@ -38,29 +38,9 @@ from fusebench.cache import (
 )
 from fusebench.cache.journal import Journal
 from fusebench.extract.loop import cache_path
-from typer.testing import CliRunner, Result
 
-from fusebench.cli import app
-from tests.conftest import REPO, make_lab5
-
-runner = CliRunner()
-
-
-def cli(*args: object) -> Result:
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result: Result) -> str:
-    """The single line a failed command printed; no traceback."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    assert not isinstance(result.exception, Exception) or isinstance(
-        result.exception, SystemExit
-    ), repr(result.exception)
-    lines = [x for x in result.output.splitlines() if x.strip()]
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: "), lines
-    return lines[0]
+from tests.conftest import REPO, cli, make_lab5
+from tests.conftest import one_line_error as one_error_line
 
 
 def synthetic(
@@ -817,13 +797,13 @@ def test_cache_writer_on_a_full_disk_raises_one_line_and_leaves_no_tmp(tmp_path,
 
     real = integrity.dataset_digest
 
-    def fails(ds, path):  # the disk fills while the finished file is read back and flushed
+    def fails(ds, path, **kw):  # the disk fills while the finished file is read back and flushed
         if ds.name == "/text/tokens":
             raise OSError(
                 "Can't synchronously write data (file write failed: time = x, "
                 "errno = 28, error message = 'No space left on device')"
             )
-        return real(ds, path)
+        return real(ds, path, **kw)
 
     monkeypatch.setattr("fusebench.cache.writer.dataset_digest", fails)
     path = tmp_path / "c.h5"

@@ -19,10 +19,9 @@ from fusebench.extract.datasets import (
     load_image,
 )
 from PIL import Image
-from typer.testing import CliRunner
 
-from fusebench.cli import app
-from tests.conftest import LAB5_DEV, write_image
+from tests.conftest import LAB5_DEV, cli, no_traceback, write_image
+from tests.conftest import error_line as one_error_line
 
 
 def lab5(root: Path, train: list[tuple[str, str]], texts: dict[str, bytes] | None = None) -> Path:
@@ -40,17 +39,8 @@ def lab5(root: Path, train: list[tuple[str, str]], texts: dict[str, bytes] | Non
 
 def check(*args: str) -> tuple[int, str]:
     """`fusebench data check ...` -> (exit code, stdout + stderr); never a traceback."""
-    result = CliRunner().invoke(app, ["data", "check", *args])
-    output = result.output  # stdout and stderr, as a terminal shows them
-    assert "Traceback" not in output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, output
-
-
-def one_error_line(output: str) -> str:
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and len(output.strip().splitlines()) == 1, output
-    return errors[0]
+    result = no_traceback(cli("data", "check", *args))
+    return result.exit_code, result.output  # stdout and stderr, as a terminal shows them
 
 
 # --------------------------------------------------------------------------- 1. classes
@@ -83,7 +73,7 @@ def test_labels_option_fixes_set_and_order_and_rejects_others(tmp_path: Path):
     assert any("mixed: no labelled row carries it" in n for n in narrow.notes)
 
     code, output = check("--data", str(root), "--labels", "negative,positive")
-    assert code == 0 and "classes: negative, positive" in output
+    assert code == 1 and "classes: negative, positive" in output  # a fatal sample: exit 1
     assert re.search(r"^  3 +sample +unknown label 'neutral'", output, re.M), output
     for bad_labels in ("a,a", "", "positive,,negative"):
         code, output = check("--data", str(root), "--labels", bad_labels)
@@ -342,7 +332,7 @@ def test_guid_that_leaves_data_is_a_fatal_problem_and_reads_nothing(tmp_path: Pa
         assert "outside data/; rename" in problem.reason
         assert (sample.text, sample.image_path, sample.text_path) == (None, None, None)
     code, output = check("--data", str(root))
-    assert code == 0 and "unsafe guid: 3 (fatal)" in output
+    assert code == 1 and "unsafe guid: 3 (fatal)" in output
 
 
 def test_a_300_character_guid_is_one_problem_not_a_traceback(tmp_path: Path):
@@ -355,7 +345,7 @@ def test_a_300_character_guid_is_one_problem_not_a_traceback(tmp_path: Path):
     assert len(problem.reason) < 300  # the name is cut in messages
 
     code, output = check("--data", str(root))
-    assert code == 0 and "1 with fatal problems" in output
+    assert code == 1 and "1 with fatal problems" in output
     assert "file name too long: 1 (fatal)" in output
 
 
@@ -500,14 +490,12 @@ def test_sample_fields_for_the_cache_sources(tmp_path: Path):
 
 def test_synth_refuses_a_folder_holding_other_data(tmp_path: Path):
     real = lab5(tmp_path / "real", [("1", "positive")])
-    result = CliRunner().invoke(app, ["data", "synth", "--out", str(real), "--n-train", "10"])
+    result = cli("data", "synth", "--out", real, "--n-train", 10)
     assert result.exit_code == 2 and "not an earlier synthetic dataset" in result.output
     assert (real / "train.txt").read_text() == "guid,tag\n1,positive\n"  # untouched
 
     synth = tmp_path / "synth"
     for _ in range(2):  # writing over an earlier synthetic dataset is fine
-        result = CliRunner().invoke(
-            app, ["data", "synth", "--out", str(synth), "--n-train", "10", "--n-test", "2"]
-        )
+        result = cli("data", "synth", "--out", synth, "--n-train", 10, "--n-test", 2)
         assert result.exit_code == 0, result.output
     assert set(load_dataset(synth).classes) <= set(LABELS)

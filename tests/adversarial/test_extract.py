@@ -21,22 +21,25 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from fusebench.cache import FAILED, OK, CacheWriter, FeatureStore, parts_dir, temp_path
+from fusebench.cache import (
+    FAILED,
+    OK,
+    CacheError,
+    CacheWriter,
+    FeatureStore,
+    parts_dir,
+    temp_path,
+)
 from fusebench.cache.journal import Journal
 from fusebench.extract.datasets import load_dataset
 from fusebench.extract.loop import cache_path, extract
 from PIL import Image
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
-from fusebench.cli import app
-from tests.conftest import make_lab5, write_image
+from tests.conftest import cli, make_lab5, ok, write_image
+from tests.conftest import one_line_error as one_error
 
-runner = CliRunner()
 ATOL, RTOL = 2e-3, 4e-3  # float16 storage; another batch padding moves the last bits
-
-
-def cli(*args: object) -> Result:
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def run_extract(data: Path, out: Path, encoder: str, model: Path | None, *extra: object) -> Result:
@@ -55,26 +58,6 @@ def run_extract(data: Path, out: Path, encoder: str, model: Path | None, *extra:
     if model is not None:
         args += ["--model", model]
     return cli(*args, *extra)
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-def one_error(result: Result, code: int | None = None) -> str:
-    """The single `error: ...` line a failed command must print, and nothing that looks like
-    a traceback (CliRunner keeps an escaped exception in result.exception)."""
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
-        result.exception
-    )
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.output.replace("\r", "\n").splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
 
 
 def no_stray_files(out: Path) -> None:
@@ -245,8 +228,10 @@ def test_another_legacy_encoding_recomputes_only_the_texts_it_decodes(tiny_model
     (data / "data" / "101.txt").write_bytes("“引号” и русский…".encode("gb18030"))
     common = dict(model=str(tiny_models["bert"]), out=tmp_path / "f", quiet=True, num_workers=0)
     assert extract(data, "bert", **common).computed == 8
-    rep = extract(data, "bert", text_encoding="gbk", **common)  # the UTF-8 texts read the same
-    assert rep.refreshed and (rep.computed, rep.kept) == (1, 7)
+    with pytest.raises(CacheError, match=r"--text-encoding none \(detected gb18030\), now gbk"):
+        extract(data, "bert", text_encoding="gbk", **common)  # another setting: refused
+    rep = extract(data, "bert", text_encoding="gbk", overwrite=True, **common)
+    assert rep.replaced and (rep.computed, rep.kept) == (1, 7)  # the UTF-8 texts read the same
     assert FeatureStore.open(rep.path).config["text_encoding"] == "gbk"
 
 
@@ -513,10 +498,13 @@ def test_limit_beyond_the_dataset_is_the_whole_dataset(tiny_models, tmp_path):
     assert "up to date" in ok(run_extract(data, out, "bert", tiny_models["bert"]))
 
 
-def test_a_larger_limit_refreshes_computing_only_the_new_rows(tiny_models, tmp_path):
+def test_a_larger_limit_replaces_with_overwrite_computing_only_the_new_rows(tiny_models, tmp_path):
     data, out = small(tmp_path), tmp_path / "f"
     ok(run_extract(data, out, "bert", tiny_models["bert"], "--limit", "3"))
-    stdout = ok(run_extract(data, out, "bert", tiny_models["bert"]))
+    line = one_error(run_extract(data, out, "bert", tiny_models["bert"]))
+    assert "--limit 3, now none" in line and "--overwrite" in line
+    stdout = ok(run_extract(data, out, "bert", tiny_models["bert"], "--overwrite"))
+    assert "replaced" in stdout
     assert "computed 5 rows, reused 3 unchanged rows from the old cache" in stdout
     assert len(FeatureStore.open(cache_path(out, "lab5-mini", "bert"))) == 8
 

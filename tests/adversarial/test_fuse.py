@@ -18,14 +18,10 @@ import pytest
 import yaml
 from fusebench.cache import FAILED, OK, TokenFeatures, write_features
 from sklearn.metrics import f1_score
-from typer.testing import CliRunner
 
 import fusebench.cli as cli
-from fusebench.cli import app
-from tests.conftest import write_image
-
-runner = CliRunner()
-
+from tests.conftest import cli as invoke
+from tests.conftest import one_line_error, write_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -80,27 +76,11 @@ def make_cache(
     return d
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def fuse_cli(feats: Path, out: Path, *extra, head="logreg", text="syn", image="syn"):
     return invoke(
         "fuse", "--head", head, "--features", feats, "--text", text, "--image", image,
         "--out", out, "--quiet", "--epochs", 2, *extra,
     )  # fmt: skip
-
-
-def one_line_error(r, code: int | None = None) -> str:
-    """The single error line of a failed command (asserting there is exactly one)."""
-    assert r.exit_code != 0, r.output
-    if code is not None:
-        assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output, r.output
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 def run_dirs(out: Path) -> list[Path]:
