@@ -91,7 +91,7 @@ def end_to_end_fit(
     head: str, fit: FeatureSet, epochs: int, seed: int, loop: InTheLoop
 ) -> tuple[float, float]:
     """Trains `head` for `epochs` with the encoders in the loop on fit's rows, as
-    fuse.trainer.train_module does on the cache. Returns (seconds, last epoch's train loss)."""
+    fuse.trainer.SingleFit does on the cache. Returns (seconds, last epoch's train loss)."""
     est = build_head(head, seed=seed, device="cpu")  # its resolved params and train config
     cfg = est.train
     torch.manual_seed(seed)

@@ -9,21 +9,18 @@ so the rerun only assembles again.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 from fusebench.cache import FAILED, OK, CacheWriter, TokenFeatures, read_rows, temp_path
-from fusebench.cache.journal import Journal
 from fusebench.cache.reader import decode_attr
-from fusebench.extract.datasets import Sample
 from fusebench.extract.options import ExtractError, ExtractReport, StageLog
 from fusebench.extract.plan import (
     KEPT,
     Job,
-    Plan,
     all_failed_line,
     damaged,
     os_error_line,
@@ -156,9 +153,7 @@ def _write_modality(
         mask = read_rows(old["text/mask"], old_rows)
         length = max(length, int(mask.sum(axis=1).max()))
     created = False
-    for rows, feats in _feature_blocks(
-        modality, plan, job.journal, old, failed, errors, job.samples
-    ):
+    for rows, feats in _feature_blocks(modality, job, old, failed, errors):
         if not created:
             writer.create_modality(
                 modality,
@@ -176,23 +171,18 @@ def _write_modality(
 
 
 def _feature_blocks(
-    modality: str,
-    plan: Plan,
-    journal: Journal,
-    old: h5py.File | None,
-    failed: np.ndarray,
-    errors: list[tuple[str, str, str]],
-    samples: Sequence[Sample],
-    block: int = 256,
+    modality: str, job: Job, old: h5py.File | None, failed: np.ndarray, errors: list, block=256
 ) -> Iterator[tuple[np.ndarray, TokenFeatures]]:
-    """(rows, features) of one modality: each journalled batch (its failures are recorded in
-    `failed` / `errors` on the way), then the rows a refresh copies from the old cache."""
+    """(rows, features) of one modality: each journalled batch of the job's plan (its failures
+    are recorded in `failed` / `errors` on the way), then the rows a refresh copies from the
+    old cache."""
+    plan = job.plan
     batches = plan.text_batches if modality == "text" else plan.image_batches
     for b in range(len(batches)):
-        rows, feats, failures = journal.load(modality, b)
+        rows, feats, failures = job.journal.load(modality, b)
         for r, stage, why in failures:
             failed[r] = True
-            errors.append((samples[r].guid, stage, why))
+            errors.append((job.samples[r].guid, stage, why))
         if feats is not None and len(rows):
             yield rows, feats
     pairs = sorted(plan.reuse.get(modality, []), key=lambda p: p[1]) if old is not None else []

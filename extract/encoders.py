@@ -121,18 +121,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return read_config(path, known=known, required=("kind", "model"), checks=checks)
 
 
-def create_encoder(
-    name: str,
-    *,
-    model: str | None = None,
-    layer: int | None = None,
-    random_init: bool = False,
-    device: str = "auto",
-    precision: str = "auto",
-) -> Encoder:
-    """`vit`, `bert`, `clip`, `minilm` (configs/encoders/) or `hf:<id-or-path>`."""
-    spec = load_spec(name, model=model, layer=layer, random_init=random_init, precision=precision)
-    return build_encoder(spec, resolve_device(device))
+def create_encoder(name: str, *, device: str = "auto", **options: Any) -> Encoder:
+    """`vit`, `bert`, `clip`, `minilm` (configs/encoders/) or `hf:<id-or-path>`, loaded on
+    `device`; `options` are load_spec's (model, layer, random_init, precision)."""
+    return build_encoder(load_spec(name, **options), resolve_device(device))
 
 
 def build_encoder(spec: EncoderSpec, device: torch.device) -> Encoder:

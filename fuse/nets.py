@@ -34,6 +34,7 @@ from fusebench.fuse.head import current_fit_label, describe, register_head
 from fusebench.fuse.params import DROPOUT, POSITIVE_INT, check_params
 from fusebench.fuse.trainer import (
     InputDims,
+    SingleFit,
     Standardized,
     TrainConfig,
     TrainResult,
@@ -41,7 +42,6 @@ from fusebench.fuse.trainer import (
     predict_logits,
     resolve_device,
     scaled_dims,
-    train_module,
     warm_up,
 )
 from torch import nn
@@ -113,7 +113,7 @@ class TorchClassifier:
         warm_up(device)
         start = time.perf_counter()
         module = self.standardized(module, train, modalities, dims)
-        result = train_module(
+        result = SingleFit(
             module,
             train,
             val,
@@ -124,7 +124,7 @@ class TorchClassifier:
             device=device,
             quiet=quiet,
             desc=desc or current_fit_label() or f"{self.name} seed {self.seed}",
-        )
+        ).run()
         elapsed = time.perf_counter() - start
         return self.fitted(module, result, train_time=elapsed, device=device, train=train)
 

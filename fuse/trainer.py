@@ -1,5 +1,5 @@
 """The one trainer of every torch head: its data (gather, batches, Standardized inputs) and
-its one epoch loop (`train_epochs`), which a fit alone (`SingleFit`, `train_module`) and the
+its one epoch loop (`train_epochs`), which a fit alone (`SingleFit.run`) and the
 stacked fits of fuse.batched both run.
 
 AdamW on minibatches of the fit rows; after each epoch the inner validation rows are scored
@@ -463,7 +463,8 @@ class SingleFit:
         modalities: tuple[str, ...],
         tokens: bool,
         device: torch.device,
-        bar: tqdm,
+        quiet: bool = True,
+        desc: str = "",
     ) -> None:
         self.rng = np.random.default_rng(seed)
         torch.manual_seed(seed)
@@ -479,7 +480,15 @@ class SingleFit:
             weight_decay=cfg.weight_decay,
         )
         self.y = torch.as_tensor(train.label, dtype=torch.long)
-        self.train, self.val, self.cfg, self.bar = train, val, cfg, bar
+        self.train, self.val, self.cfg = train, val, cfg
+        self.bar = tqdm(
+            total=cfg.epochs * len(train),
+            unit="sample",
+            unit_scale=True,
+            desc=desc,
+            leave=False,
+            disable=quiet,
+        )
         self.inputs = {"modalities": modalities, "tokens": tokens, "device": device}
         self.lengths = token_lengths(train, modalities, tokens)
         self.blocks = row_blocks(train, modalities, tokens)  # token heads: block-aware order
@@ -516,45 +525,15 @@ class SingleFit:
         shown = {k: round(v, 3) for k, v in records[0].items() if k.startswith("val")}
         self.bar.set_postfix(epoch=epoch, **shown)
 
-
-def train_module(
-    module: nn.Module,
-    train: FeatureSet,
-    val: FeatureSet | None,
-    cfg: TrainConfig,
-    *,
-    seed: int,
-    modalities: tuple[str, ...],
-    tokens: bool,
-    device: torch.device,
-    quiet: bool = True,
-    desc: str = "",
-) -> TrainResult:
-    """Trains `module` in place on `train`; `val` (inner validation rows only) picks the
-    epoch, whose weights the module ends with."""
-    bar = tqdm(
-        total=cfg.epochs * len(train),
-        unit="sample",
-        unit_scale=True,
-        desc=desc,
-        leave=False,
-        disable=quiet,
-    )
-    fit = SingleFit(
-        module,
-        train,
-        val,
-        cfg,
-        seed=seed,
-        modalities=modalities,
-        tokens=tokens,
-        device=device,
-        bar=bar,
-    )
-    (result,), (best,) = train_epochs(fit, cfg, [val], [fit.weight], train.n_classes)
-    bar.close()
-    module.load_state_dict(best)
-    return result
+    def run(self) -> TrainResult:
+        """Trains the module in place; `val` (inner validation rows only) picks the epoch,
+        whose weights the module ends with."""
+        (result,), (best,) = train_epochs(
+            self, self.cfg, [self.val], [self.weight], self.train.n_classes
+        )
+        self.bar.close()
+        self.module.load_state_dict(best)
+        return result
 
 
 def val_scores(
@@ -590,7 +569,7 @@ class EarlyStopping:
         self.best_score, self.best_epoch, self.since = -np.inf, 0, 0
 
     def update(self, record: dict[str, float], monitor: str) -> tuple[bool, bool]:
-        """(improved, stop) after the epoch of `record` (train_module's history entry)."""
+        """(improved, stop) after the epoch of `record` (a fit's history entry)."""
         if "val_macro_f1" not in record:
             score = float(record["epoch"])  # no validation rows: the last epoch is the best
         else:
