@@ -155,6 +155,18 @@ def lab5(tmp_path) -> Path:
     return make_lab5(tmp_path / "lab5-mini")
 
 
+def write_manifest(path: Path, guids: list[str], labels: dict[str, str]) -> Path:
+    """A CSV manifest over a lab5 corpus's files, in that corpus's folder (one dataset root);
+    `labels[guid]` is the lab5 tag ("null": an unlabelled test row)."""
+    rows = ["guid,text_path,image_path,label,split"]
+    for g in guids:
+        label = labels[g]
+        split = "test" if label == "null" else "train"
+        rows.append(f"{g},data/{g}.txt,data/{g}.jpg,{'' if label == 'null' else label},{split}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def write_noise_cache(path: Path, n: int, dim: int, seed: int = 3) -> None:
     """The leak canaries' cache: random labels on random pooled text and image vectors (no
     tokens), so nothing is learnable and a scored row that leaked into fitting shows."""

@@ -15,7 +15,7 @@ from fusebench.cache.integrity import verify_digests
 from fusebench.cache.merge import merge_sources
 from fusebench.cache.writer import temp_path, write_features
 
-from tests.conftest import cli, make_lab5, one_line_error
+from tests.conftest import cli, make_lab5, one_line_error, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,17 +30,6 @@ def assert_one_line_error(result, *needles: str) -> str:
 
 
 # ------------------------------------------------------------------------------ real extraction
-
-
-def write_manifest(path: Path, guids: list[str], labels: dict[str, str]) -> Path:
-    """A CSV manifest over a lab5 corpus's files (same folder: one dataset name and root)."""
-    rows = ["guid,text_path,image_path,label,split"]
-    for g in guids:
-        label = labels[g]
-        split = "test" if label == "null" else "train"
-        rows.append(f"{g},data/{g}.txt,data/{g}.jpg,{'' if label == 'null' else label},{split}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

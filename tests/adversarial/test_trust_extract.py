@@ -20,7 +20,7 @@ from fusebench.extract.loop import cache_path
 from fusebench.fuse.features import load_feature_set
 from typer.testing import Result
 
-from tests.conftest import cli, make_lab5, ok
+from tests.conftest import cli, make_lab5, ok, write_manifest
 from tests.conftest import one_line_error as one_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,17 +38,6 @@ def sha(path: Path) -> str:
 
 def leftovers(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".lock", ".parts"))]
-
-
-def write_csv(path: Path, guids: list[str], labels: dict[str, str]) -> Path:
-    """A CSV manifest over a lab5 corpus's files, in that corpus's folder."""
-    rows = ["guid,text_path,image_path,label,split"]
-    for g in guids:
-        tag = labels[g]
-        split = "test" if tag == "null" else "train"
-        rows.append(f"{g},data/{g}.txt,data/{g}.jpg,{'' if tag == 'null' else tag},{split}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 def lab5_labels(root: Path) -> dict[str, str]:
@@ -70,7 +59,7 @@ def finished(tiny_models, tmp_path_factory):
     root = make_lab5(tmp_path_factory.mktemp("trust") / "lab5-mini", n_train=6, n_test=2)
     (root / "data" / "101.txt").write_bytes(LEGACY)
     labels = lab5_labels(root)
-    write_csv(root / "manifest.csv", list(labels), labels)
+    write_manifest(root / "manifest.csv", list(labels), labels)
     out = root.parent / "features"
     ok(extract(root, out, "clip", tiny_models["clip"]))
     final = cache_path(out, "lab5-mini", "clip")
@@ -166,7 +155,7 @@ def test_overwrite_replaces_a_limited_cache_reusing_its_rows(tiny_models, tmp_pa
 def test_a_changed_column_mapping_on_a_manifest_cache_is_refused(tiny_models, tmp_path):
     root = make_lab5(tmp_path / "d", n_train=6, n_test=2)
     labels = lab5_labels(root)
-    data = write_csv(root / "all.csv", list(labels), labels)
+    data = write_manifest(root / "all.csv", list(labels), labels)
     out = tmp_path / "features"
     ok(extract(data, out, "vit", tiny_models["vit"]))
     final = cache_path(out, "d-all", "vit")
@@ -221,8 +210,8 @@ def test_two_manifests_in_one_folder_get_two_caches(tiny_models, tmp_path):
     labels = lab5_labels(root)
     guids = list(labels)
     every, part = (
-        write_csv(root / "all.csv", guids, labels),
-        write_csv(root / "part1.csv", guids[:4], labels),
+        write_manifest(root / "all.csv", guids, labels),
+        write_manifest(root / "part1.csv", guids[:4], labels),
     )
     out = tmp_path / "features"
     ok(extract(every, out, "vit", tiny_models["vit"]))
@@ -256,8 +245,8 @@ def test_verify_and_the_stale_advice_work_for_a_manifest_file(tiny_models, tmp_p
     command the stale-cache line names runs (it rebuilds the same cache, with its options)."""
     root = make_lab5(tmp_path / "d", n_train=6, n_test=2)
     labels = lab5_labels(root)
-    data = write_csv(root / "all.csv", list(labels), labels)
-    write_csv(root / "part1.csv", list(labels)[:3], labels)
+    data = write_manifest(root / "all.csv", list(labels), labels)
+    write_manifest(root / "part1.csv", list(labels)[:3], labels)
     out = tmp_path / "features"
     ok(extract(data, out, "bert", tiny_models["bert"], "--limit", 7))
     final = cache_path(out, "d-all", "bert")
@@ -284,7 +273,7 @@ def test_merge_accepts_the_same_weights_at_another_path(tiny_models, tmp_path):
     copy = Path(shutil.copytree(tiny_models["vit"], tmp_path / "vit-copy"))
     parts = []
     for name, rows, model in (("p1", guids[:4], tiny_models["vit"]), ("p2", guids[4:], copy)):
-        data = write_csv(root / f"{name}.csv", rows, labels)
+        data = write_manifest(root / f"{name}.csv", rows, labels)
         ok(extract(data, tmp_path / "f", "vit", model, "--labels", "negative,neutral,positive"))
         parts.append(cache_path(tmp_path / "f", f"d-{name}", "vit"))
     rep = merge_caches(parts, tmp_path / "merged.h5")
