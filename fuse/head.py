@@ -90,15 +90,9 @@ class HeadType(Protocol):
     def uses_tokens(cls, params: dict[str, Any]) -> bool: ...
 
     @classmethod
-    def from_config(
-        cls,
-        params: dict[str, Any],
-        *,
-        seed: int,
-        epochs: int | None = None,
-        device: str | None = None,
-        class_weights: bool | None = None,
-    ) -> Head: ...
+    def from_config(cls, params: dict[str, Any], *, seed: int, **options: Any) -> Head:
+        """options: the run-wide `epochs`, `device` and `class_weights` (see above)."""
+        ...
 
     @classmethod
     def load(cls, folder: str | Path, *, device: str = "auto") -> Head: ...
