@@ -26,6 +26,42 @@ from fusebench.cli_errors import (
     one_line_errors,
     sigterm_as_ctrl_c,
 )
+from fusebench.cli_options import (
+    HEAD_NAMES,
+    AllowStale,
+    ClassWeights,
+    ColumnOpt,
+    DataOpt,
+    EncoderOpt,
+    Epochs,
+    ExactPreprocessOpt,
+    Features,
+    Folds,
+    FormatOpt,
+    FuseDevice,
+    ImageEnc,
+    ImageEncoders,
+    LabelsOpt,
+    MemoryBudget,
+    OneAtATime,
+    OnErrorOpt,
+    PrecisionOpt,
+    PredictModel,
+    PredictOut,
+    PrintConfig,
+    Quiet,
+    RandomInitOpt,
+    ReplayConfig,
+    RunsOut,
+    Seeds,
+    SetOpt,
+    SplitSeed,
+    Sweep,
+    TextEnc,
+    TextEncoders,
+    TextEncodingOpt,
+    ValRatio,
+)
 
 app = typer.Typer(
     help="Extract frozen encoder features once; compare fusion heads on the cache.",
@@ -39,18 +75,6 @@ cache_app = typer.Typer(help="Inspect and check feature caches.", no_args_is_hel
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
-
-Quiet = Annotated[
-    bool,
-    typer.Option(
-        "--quiet",
-        "-q",
-        help=(
-            "No progress at all (for scripts). Without it: a progress bar on a terminal; when stderr "
-            "goes to a file, one plain line per finished stage or fit instead."
-        ),
-    ),
-]
 
 
 def _print_version(value: bool) -> None:
@@ -81,64 +105,6 @@ def _options(
 
 
 # ---------------------------------------------------------------- stage one
-
-# the dataset-reading options `extract` and `data check` share
-DataOpt = Annotated[
-    Path,
-    typer.Option(
-        help="Dataset folder (lab5, mvsa, HF datasets save_to_disk) or manifest .csv/.jsonl/.parquet."
-    ),
-]
-FormatOpt = Annotated[
-    str | None, typer.Option("--format", help="lab5 | mvsa | manifest (default: detected).")
-]
-TextEncodingOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--text-encoding",
-        help="Encoding of the texts that are not UTF-8 (default: detected once per dataset, e.g. gb18030).",
-    ),
-]
-LabelsOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry)."
-    ),
-]
-ColumnOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--column",
-        help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
-    ),
-]
-# extract's own options
-EncoderOpt = Annotated[
-    str,
-    typer.Option(
-        help="vit | bert | clip | minilm | hf:<id-or-path>; a comma list (vit,clip,bert) "
-        "runs them in one pass, each image decoded once, one cache each."
-    ),
-]
-RandomInitOpt = Annotated[
-    bool,
-    typer.Option(
-        "--random-init", help="Random weights from the model's config (seed 0), no checkpoint."
-    ),
-]
-PrecisionOpt = Annotated[
-    str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU) | fp32 | fp16 | bf16")
-]
-OnErrorOpt = Annotated[
-    str, typer.Option(help="skip: record bad samples and go on; fail: stop at the first.")
-]
-ExactPreprocessOpt = Annotated[
-    bool,
-    typer.Option(
-        "--exact-preprocess",
-        help="Images through the model's own processor (slower) instead of the fast path that reproduces it.",
-    ),
-]
 
 
 @app.command()
@@ -333,128 +299,6 @@ def data_check(
 # ---------------------------------------------------------------- stage two (fuse/)
 
 
-def _head_names() -> str:
-    """The bundled heads' names for --help, from their YAML files (no torch import)."""
-    from fusebench.configs import bundled_path, config_names
-
-    return ", ".join(config_names(bundled_path("heads"))) or "none found: reinstall fusebench"
-
-
-HEAD_NAMES = _head_names()
-
-Features = Annotated[
-    Path | None,
-    typer.Option(
-        help="Cache folder features/DATASET, holding <encoder>.h5 files (required unless --config gives it)."
-    ),
-]
-TextEnc = Annotated[
-    str, typer.Option("--text", help="Encoder whose text features to use; 'none' for image only.")
-]
-ImageEnc = Annotated[
-    str, typer.Option("--image", help="Encoder whose image features to use; 'none' for text only.")
-]
-ValRatio = Annotated[
-    float | None,
-    typer.Option(help="Score on a stratified holdout of this share (fuse's default: 0.1)."),
-]
-Folds = Annotated[
-    int | None, typer.Option(help="Score with stratified K-fold, K >= 2 (compare's default: 5).")
-]
-SplitSeed = Annotated[
-    int,
-    typer.Option(
-        "--split-seed",
-        help="Seed of the stratified splits: the same seed gives every cell the same folds.",
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="Override a hyperparameter, repeatable: --set dim=128 --set train.lr=3e-4 (compare: HEAD.KEY=V for one head, KEY=V for every head that has KEY).",
-    ),
-]
-ReplayConfig = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        help="Replay a run: RUN/config.yaml (or RUN). Flags typed here override its settings; --set adds to its overrides.",
-    ),
-]
-PrintConfig = Annotated[
-    bool,
-    typer.Option(
-        "--print-config", help="Print the resolved settings as YAML and exit without training."
-    ),
-]
-Epochs = Annotated[
-    int | None,
-    typer.Option(
-        help="Max epochs of torch heads, >= 1 (default: the head's YAML); a cell's own "
-        "--set/--sweep train.epochs wins."
-    ),
-]
-RunsOut = Annotated[
-    Path,
-    typer.Option(
-        "--out", help="Runs root; writes OUT/<timestamp>-<name>/ (OUT/<...>.tmp/ until finished)."
-    ),
-]
-FuseDevice = Annotated[
-    str, typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (torch heads).")
-]
-ClassWeights = Annotated[
-    bool, typer.Option("--class-weights", help="Weight the loss by inverse class frequency.")
-]
-AllowStale = Annotated[
-    bool,
-    typer.Option(
-        "--allow-stale",
-        help="Use a cache whose dataset changed since extraction (default: refuse, naming the changed "
-        "samples); the run's config.yaml records what changed.",
-    ),
-]
-
-MemoryBudget = Annotated[
-    str | None,
-    typer.Option(
-        "--memory-budget",
-        help="RAM for cached features, e.g. 1GB or 512MB (default: half the available RAM). "
-        "Token arrays over it are read from the cache file in row blocks, not loaded.",
-    ),
-]
-OneAtATime = Annotated[
-    bool,
-    typer.Option(
-        "--one-at-a-time",
-        help="Train a torch head's folds x seeds one fit after another (the baseline) "
-        "instead of together as one stacked model (same rows, order and early stopping; "
-        "only dropout masks are drawn differently).",
-    ),
-]
-
-
-Seeds = Annotated[str, typer.Option(help="Model seeds, comma-separated (each used once).")]
-TextEncoders = Annotated[
-    str,
-    typer.Option(
-        "--text", help="Text encoders, comma-separated; 'none' = no text (e.g. minilm,bert,none)."
-    ),
-]
-ImageEncoders = Annotated[
-    str,
-    typer.Option(
-        "--image", help="Image encoders, comma-separated; 'none' = no image (e.g. vit,clip,none)."
-    ),
-]
-Sweep = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--sweep",
-        help="One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
-    ),
-]
 # stage two's commands write staged run folders: see one_line_errors
 stage_two = one_line_errors(staged=True, interrupted=STAGED)
 
@@ -567,28 +411,6 @@ def compare(
     Replay: --config RUN/config.yaml reruns a run with its settings (same numbers on CPU);
     flags typed here override them. --print-config shows the resolved settings and exits."""
     _run_grid(ctx, "compare")
-
-
-PredictOut = Annotated[
-    Path,
-    typer.Option(
-        help=(
-            "Output CSV: a guid,tag header, then one line per guid of the split in the cache's order. "
-            "A row the cell has no usable features for keeps its line with an EMPTY tag (never a "
-            "stand-in class) and is named on stderr."
-        )
-    ),
-]
-PredictModel = Annotated[
-    str,
-    typer.Option(
-        help=(
-            "ensemble: every fold x seed model of the cell, probabilities averaged; refit: the cell "
-            "retrained on all labelled rows (epochs / boosting rounds = median best of its CV fits, "
-            "one model per run seed; saved under RUN/refit/ and reused); fold0: the first fit only."
-        )
-    ),
-]
 
 
 @app.command()
