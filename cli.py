@@ -32,26 +32,35 @@ from fusebench.cli_options import (
     ClassWeights,
     ColumnOpt,
     DataOpt,
+    DecodeOpt,
     EncoderOpt,
+    Ensemble,
     Epochs,
     ExactPreprocessOpt,
     Features,
+    FeaturesOut,
     Folds,
     FormatOpt,
     FuseDevice,
     ImageEnc,
     ImageEncoders,
+    InnerFolds,
     LabelsOpt,
     MemoryBudget,
+    ModelDir,
     OneAtATime,
     OnErrorOpt,
     PrecisionOpt,
+    PredictData,
     PredictModel,
     PredictOut,
+    PredictSplit,
     PrintConfig,
     Quiet,
     RandomInitOpt,
     ReplayConfig,
+    ReportCell,
+    Robustness,
     RunsOut,
     Seeds,
     SetOpt,
@@ -60,6 +69,9 @@ from fusebench.cli_options import (
     TextEnc,
     TextEncoders,
     TextEncodingOpt,
+    Trials,
+    TuneOpt,
+    TuneTimeout,
     ValRatio,
 )
 
@@ -142,6 +154,7 @@ def extract(
     labels: LabelsOpt = None,
     column: ColumnOpt = None,
     exact_preprocess: ExactPreprocessOpt = False,
+    decode: DecodeOpt = "auto",
     quiet: Quiet = False,
 ) -> None:
     """Run a frozen encoder once over a dataset and cache its token-level features."""
@@ -355,6 +368,7 @@ def fuse_cmd(
     allow_stale: AllowStale = False,
     memory_budget: MemoryBudget = None,
     one_at_a_time: OneAtATime = False,
+    robustness: Robustness = "on",
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,
@@ -387,6 +401,9 @@ def compare(
     allow_stale: AllowStale = False,
     memory_budget: MemoryBudget = None,
     one_at_a_time: OneAtATime = False,
+    robustness: Robustness = "on",
+    ensemble: Ensemble = 0,
+    tune: TuneOpt = None,
     config: ReplayConfig = None,
     print_config: PrintConfig = False,
     quiet: Quiet = False,
@@ -413,11 +430,54 @@ def compare(
     _run_grid(ctx, "compare")
 
 
+@app.command("tune")
+@stage_two
+def tune_cmd(
+    ctx: typer.Context,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Head(s) to tune, comma-separated (each with a search: block): {HEAD_NAMES}."
+        ),
+    ] = None,
+    features: Features = None,
+    text: TextEncoders = "minilm",
+    image: ImageEncoders = "vit",
+    trials: Trials = 20,
+    timeout: TuneTimeout = None,
+    inner_folds: InnerFolds = 3,
+    robustness: Robustness = "on",
+    val_ratio: ValRatio = None,
+    folds: Folds = None,
+    split_seed: SplitSeed = 42,
+    seeds: Seeds = "42,43,44",
+    epochs: Epochs = None,
+    out: RunsOut = Path("runs"),
+    device: FuseDevice = "auto",
+    class_weights: ClassWeights = False,
+    set_: SetOpt = None,
+    allow_stale: AllowStale = False,
+    memory_budget: MemoryBudget = None,
+    config: ReplayConfig = None,
+    print_config: PrintConfig = False,
+    quiet: Quiet = False,
+) -> None:
+    """Nested hyperparameter search (Optuna TPE) of each cell, beside its untuned row.
+
+    Per outer fold x seed, one study scores trials on inner folds of that fold's training
+    part only; the best is refitted there and scored on the outer fold: row
+    '<cell> (tuned, N trials)'. Search spaces: the `search:` block of configs/heads/HEAD.yaml.
+    Studies live in RUN/tune.sqlite3: rerun a killed tune with the same flags and --out to
+    resume it. RUN/tune.csv holds the chosen parameters per outer fold."""
+    _run_grid(ctx, "tune")
+
+
 @app.command()
 @stage_two
 def predict(
     run: Annotated[Path, typer.Option(help="Run folder written by `fuse` or `compare`.")],
-    split: Annotated[str, typer.Option(help="Which cache rows to label.")] = "test",
+    split: PredictSplit = None,
+    data: PredictData = None,
     out: PredictOut = Path("predictions.txt"),
     cell: Annotated[
         str | None,
@@ -438,20 +498,26 @@ def predict(
     ] = None,
     device: FuseDevice = "auto",
     allow_stale: AllowStale = False,
+    features_out: FeaturesOut = None,
+    model_dir: ModelDir = None,
     quiet: Quiet = False,
 ) -> None:
     """Label a split with a cell of a run (default: the fold ensemble of its best cell), in
-    the cache's row order; RUN/predictions.json records which models were used.
+    the cache's row order; RUN/predictions.json records which models were used. --data NEW:
+    extract new data with the run's encoder settings, then label every row of it.
 
     A cell labels every row that has the features it reads (a text_only head labels rows
     whose image failed); the others get an empty tag and are counted on stderr."""
-    from fusebench.fuse.predict import predict_run
+    from fusebench.newdata import predict_any
 
     if refit and model not in ("ensemble", "refit"):
         fail(f"--refit and --model {model} disagree; give one of them", code=USAGE)
-    report = predict_run(
+    report = predict_any(
         run,
+        data=data,
         split=split,
+        features_out=features_out,
+        model_dir=model_dir,
         out=out,
         cell=cell,
         head=head,
@@ -463,6 +529,7 @@ def predict(
         quiet=quiet,
     )
     if not quiet:
+        _echo_extract_reports(report.extracted)
         _echo_prediction(report)
 
 
@@ -494,13 +561,14 @@ def report(
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path(
         "report.html"
     ),
+    cell: ReportCell = None,
 ) -> None:
     """One self-contained HTML page of one or more runs (styles and plots inline, nothing
-    fetched): ranked table, heat map, plots and provenance per run; a combined ranking when
-    the runs share protocol, classes and rows."""
+    fetched): ranked table, heat map, plots, robustness, error galleries and provenance per
+    run; a combined ranking when the runs share protocol, classes and rows."""
     from fusebench.fuse.report_html import write_report
 
-    typer.echo(f"report: {write_report(runs, out)}")
+    typer.echo(f"report: {write_report(runs, out, cell)}")
 
 
 # ---------------------------------------------------------------- end

@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/batched_heads.py [--quick] [--device cpu|cuda] [--heads ...]
     .venv/bin/python benchmarks/batched_heads.py --features features/lab5-dev --text minilm --image vit
 
-Per head (cross_attn included: compare fits token heads one at a time, because stacked they
-measured slower here; this script stacks them anyway): the wall time of a compare cell (5 folds × 2 seeds = 10 fits, fuse.experiment.
+Per head (cross_attn included: on a CPU compare fits token heads one at a time, because
+stacked they measured slower here, and on CUDA stacks them; this script stacks them anyway;
+--token-heads: text_only / image_only read tokens too, use_tokens=true): the wall time of a compare cell (5 folds × 2 seeds = 10 fits, fuse.experiment.
 evaluate_head, scoring included) with --one-at-a-time and batched, the ratio, and each
 path's mean macro-F1 (they differ only by dropout's random masks; with dropout 0 they agree
 to 1e-4, tests/test_batched.py). The two paths alternate head by head, one-at-a-time first.
@@ -96,9 +97,12 @@ def main() -> None:
     ap.add_argument("--image-tokens", type=int, help="synthetic image tokens (default 50)")
     ap.add_argument("--image-dim", type=int, help="synthetic image token width (default 768)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's)")
+    ap.add_argument(
+        "--token-heads", action="store_true", help="text_only / image_only with use_tokens=true"
+    )
     args = ap.parse_args()
-    # compare fits token heads one at a time (fuse.batched.BATCH_TOKEN_HEADS): stack them here
-    # anyway, to measure what they would get
+    # on a CPU compare fits token heads one at a time (fuse.batched.stack_token_heads): stack
+    # them here anyway, to measure what they would get
     batched.BATCH_TOKEN_HEADS = True
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,6 +121,8 @@ def main() -> None:
     heads = args.heads.split(",") if args.heads else torch_heads
     # cross_attn at full size: one fit takes ~20 s here, so the quick run shrinks it
     shrink = {"cross_attn": {"dim": 32, "hidden": 32}} if args.quick else {}
+    if args.token_heads:
+        shrink |= {h: {"use_tokens": True} for h in ("text_only", "image_only")}
     seeds = (42, 43)
     loaded: dict[bool, object] = {}
     print(

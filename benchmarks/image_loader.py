@@ -1,5 +1,6 @@
-"""Image loading + preprocessing, images/s per core: the fast path (extract/fastimage.py) vs
-the model's own PIL processor (docs/architecture.md §9: >= 500 images/s per core, >= 2.5x the reference).
+"""Image loading + preprocessing, images/s per core and token fidelity: the CPU fast path
+(extract/fastimage.py), its draft rule of before, and the device path's code run on the CPU
+(extract/devicepath.py) vs the model's own PIL processor.
 
     .venv/bin/python benchmarks/image_loader.py [--data ../shared/data/lab5-dev] [--limit 400]
         [--processor vit|clip|both] [--batch-size 32] [--repeats 3]
@@ -7,12 +8,14 @@ the model's own PIL processor (docs/architecture.md §9: >= 500 images/s per cor
 One process, one thread (BLAS/OpenMP pinned to 1 before numpy loads): files -> RGB images
 -> (B, 3, 224, 224) pixels, exactly the work a DataLoader worker does in `extract`: float32
 for the reference processor; uint8 for the fast path, whose normalise runs on the device in
-`encode_image` (also timed here on the CPU, "fast normalising on the CPU too"). The
+`encode_image` (not timed here). The
 processors carry the real configs of the default checkpoints (ViT: 224x224 bilinear,
 mean/std 0.5; CLIP: shortest edge 224 bicubic, center crop 224, CLIP mean/std). Each
-repeat times both paths back to back; the best repeat of each is printed, by the wall clock
-and by this process's CPU time (the per-core cost when other work shares the cores), with
-the ratio and the pixel difference (normalised units), all measured in this one run.
+repeat times every path back to back; the best repeat of each is printed, by the wall clock
+and by this process's CPU time (the per-core cost when other work shares the cores). Then per
+path the pooled and token cosine (per image the mean over its tokens; mean and min over the
+images) of a random-init 2-layer tower's features against the processor's, and the pixel
+difference (normalised units).
 """
 
 from __future__ import annotations
@@ -34,32 +37,9 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusebench.extract.datasets import load_dataset, open_sample_image  # noqa: E402
+from fusebench.extract.devicepath import DevicePath  # noqa: E402
 from fusebench.extract.fastimage import FastImagePath  # noqa: E402
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def processors() -> dict:
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-
-    return {
-        "vit": ViTImageProcessorPil(
-            size={"height": 224, "width": 224},
-            resample=2,
-            image_mean=[0.5] * 3,
-            image_std=[0.5] * 3,
-        ),
-        "clip": CLIPImageProcessorPil(
-            size={"shortest_edge": 224},
-            resample=3,
-            do_center_crop=True,
-            crop_size={"height": 224, "width": 224},
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-        ),
-    }
+from fusebench.extract.fidelity import cosines, features, processors, tower  # noqa: E402
 
 
 def timed(run: Callable[[], np.ndarray]) -> tuple[float, float, np.ndarray]:
@@ -106,36 +86,59 @@ def main() -> None:
             ]
             return np.concatenate(out)
 
-        def fast_path(fast=fast) -> np.ndarray:  # a loader worker's part: uint8 out
-            return np.concatenate([fast.preprocess([fast.open(s) for s in b]) for b in batches])
+        before = FastImagePath(fast.size, fast.shortest_edge, fast.resample, fast.crop,
+                               fast.lut, margin=1)  # fmt: skip
+        device = DevicePath(fast)  # --decode gpu's code, run on this CPU
 
-        def fast_cpu_normalised(fast=fast) -> np.ndarray:  # also the float work, on this core
-            return np.concatenate(
-                [
-                    fast.normalize(torch.as_tensor(fast.preprocess([fast.open(s) for s in b])))
-                    for b in batches
-                ]
+        def uint8_path(path) -> Callable[[], np.ndarray]:  # a loader worker's part: uint8 out
+            return lambda: np.concatenate(
+                [np.asarray(path.preprocess([path.open(s) for s in b])) for b in batches]
             )
 
-        runs = {"reference": reference, "fast": fast_path, "fast+norm": fast_cpu_normalised}
+        runs = {
+            "reference": reference,
+            "fast": uint8_path(fast),
+            "fast-before": uint8_path(before),
+            "device-cpu": uint8_path(device),
+        }
         best = {k: [np.inf, np.inf] for k in runs}  # best (wall, cpu) seconds
         pixels = {}
         for _ in range(args.repeats):
             for k, run in runs.items():
                 *t, pixels[k] = timed(run)
                 best[k] = [min(a, b) for a, b in zip(best[k], t)]
-        diff = np.abs(pixels["fast+norm"] - pixels["reference"])
-        for what, i in (("wall", 0), ("cpu ", 1)):
-            ref = best["reference"][i]
-            print(
-                f"{name:4s} {what}: reference {n / ref:6.1f} | fast {n / best['fast'][i]:6.1f} "
-                f"(ratio {ref / best['fast'][i]:.2f}x) | fast normalising on the CPU too "
-                f"{n / best['fast+norm'][i]:6.1f} (ratio {ref / best['fast+norm'][i]:.2f}x) "
-                "images/s per core"
-            )
+        _report(name, n, best, pixels, fast)
+
+
+def _report(name: str, n: int, best: dict, pixels: dict, fast: FastImagePath) -> None:
+    """images/s per core (wall and CPU time) and, per path, pooled / token cosine of a
+    random-init 2-layer tower's features against the processor's, and the pixel gap."""
+    model = tower(name)
+    as_float = {
+        k: v if k == "reference" else fast.normalize(torch.as_tensor(v)).numpy()
+        for k, v in pixels.items()
+    }
+    ref = _features(model, as_float["reference"])
+    for what, i in (("wall", 0), ("cpu ", 1)):
+        rates = " | ".join(f"{k} {n / best[k][i]:6.1f}" for k in best)
+        print(f"{name:4s} {what}: {rates} images/s per core")
+    for k in best:
+        if k == "reference":
+            continue
+        c = cosines(_features(model, as_float[k]), ref)
+        diff = np.abs(as_float[k] - as_float["reference"])
         print(
-            f"{name:4s} pixels fast vs reference: max abs diff {diff.max():.3f}, mean {diff.mean():.4f}"
+            f"{name:4s} {k:11s} vs reference: pooled cos mean {c['pooled_mean']:.6f} min "
+            f"{c['pooled_min']:.6f} | token cos mean {c['token_mean']:.6f} min "
+            f"{c['token_min']:.6f} | pixels max abs diff {diff.max():.3f} mean {diff.mean():.4f}"
         )
+
+
+def _features(model, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    parts = [
+        features(model, torch.as_tensor(pixels[i : i + 64])) for i in range(0, len(pixels), 64)
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ import torch
 from fusebench.cache import TokenFeatures
 from fusebench.extract import distributed
 from fusebench.extract.datasets import Sample
+from fusebench.extract.devicepath import DeviceBatch
 from fusebench.extract.distributed import SINGLE, Shard
 from fusebench.extract.encoders import Encoder
 from fusebench.extract.images import BatchImages, SharedImages, loader
 from fusebench.extract.options import ExtractError, ExtractOptions, StageLog
 from fusebench.extract.plan import KEPT, Job, fail_line, os_error_line
+from fusebench.extract.profile import StageTimer
 from tqdm import tqdm
 
 
@@ -85,20 +87,24 @@ def _text_stage(job: Job, on_error: str, log: StageLog, shard: Shard, live: bool
     total = sum(len(rows) for _, rows in mine)
     reused = total - sum(len(rows) for _, rows in todo)
     bar = _bar(f"{job.enc.spec.name} {job.ds.name}", total, reused, live and log.live)
-    computed, start = 0, time.perf_counter()
+    computed, start, timer = 0, time.perf_counter(), StageTimer(job.enc.device)
     try:
         with tqdm(**bar) as progress, job.journal.background() as save:
             for b, rows in todo:  # parts are written while the next batch runs
-                feats = job.enc.encode_text([job.plan.text_ids[r] for r in rows])
+                with timer("forward"):
+                    feats = job.enc.encode_text([job.plan.text_ids[r] for r in rows])
                 ok_rows, feats, failures = _split_nonfinite(
                     job.enc, "text", np.asarray(rows), feats
                 )
                 _stop_if_failed(on_error, job.samples, failures)
-                save("text", b, ok_rows, feats, failures)
+                with timer("write"):
+                    save("text", b, ok_rows, feats, failures)
                 computed += len(rows)
                 progress.update(len(rows))
     except OSError as e:
         raise ExtractError(os_error_line(e, job.journal.folder, KEPT)) from None
+    if timer.on:
+        print(f"profile {job.enc.spec.name} text: {timer.line()}", file=sys.stderr, flush=True)
     _log_modality(log, "text", job.plan.text_batches, job.done, computed, start)
     return computed
 
@@ -147,21 +153,38 @@ def _run_images(
 ) -> Iterator[tuple[str, int]]:
     """Runs each pending image batch as its rows arrive and journals it (on one writer
     thread per journal); yields (job, rows) per batch."""
-    folder = next(iter(jobs.values())).journal.folder
+    first = next(iter(jobs.values()))
+    folder, timer = first.journal.folder, StageTimer(first.enc.device)
     try:
         with contextlib.ExitStack() as stack:
             saves = {n: stack.enter_context(job.journal.background()) for n, job in jobs.items()}
-            for n, b, ok_rows, pixels, failures in _arrivals(jobs, pending, opts):
+            arrivals = _arrivals(jobs, pending, opts)
+            while True:
+                with timer("load/decode"):  # waiting on the loader workers
+                    got = next(arrivals, None)
+                if got is None:
+                    break
+                n, b, ok_rows, pixels, failures = got
                 job, folder = jobs[n], jobs[n].journal.folder
-                feats = job.enc.encode_image(torch.as_tensor(pixels)) if ok_rows else None
+                with timer("host->device"):
+                    if isinstance(pixels, DeviceBatch):  # decoded + resized on the device
+                        ok_rows, pixels, failures = _device_pixels(
+                            job.enc, ok_rows, pixels, failures
+                        )
+                    pixels = job.enc.device_pixels(torch.as_tensor(pixels)) if ok_rows else None
+                with timer("forward"):
+                    feats = job.enc.encode_image(pixels) if ok_rows else None
                 rows = len(ok_rows) + len(failures)
                 ok, feats, more = _split_nonfinite(job.enc, "image", np.asarray(ok_rows), feats)
                 failures = failures + more  # inf/NaN features: failures too
                 _stop_if_failed(opts.on_error, job.samples, failures)
-                saves[n]("image", b, ok, feats, failures)
+                with timer("write"):
+                    saves[n]("image", b, ok, feats, failures)
                 yield n, rows
     except OSError as e:
         raise ExtractError(os_error_line(e, folder, KEPT)) from None
+    if timer.on:
+        print(f"profile {','.join(jobs)} images: {timer.line()}", file=sys.stderr, flush=True)
 
 
 def _arrivals(
@@ -183,6 +206,7 @@ def _arrivals(
     encs = [jobs[n].enc for n in names]
     images = SharedImages(chunks, first.samples, encs, wants)
     arrived: dict[str, dict] = {n: {} for n in names}  # row -> its (3, H, W) pixels, or failure
+    undecoded = {n: bool(getattr(jobs[n].enc.device_image, "on_device", False)) for n in names}
     for per_encoder in loader(images, opts.num_workers, encs[0].device):
         for n, (ok_rows, pixels, failures) in zip(names, per_encoder):
             for j, r in enumerate(ok_rows):
@@ -191,17 +215,33 @@ def _arrivals(
                 arrived[n][r] = (r, stage, why)
             while pending[n] and all(r in arrived[n] for r in pending[n][0][1]):
                 b, rows = pending[n].popleft()
-                yield (n, b, *_stacked(rows, arrived[n]))
+                yield (n, b, *_stacked(rows, arrived[n], undecoded[n]))
 
 
-def _stacked(rows: list[int], arrived: dict) -> tuple[list[int], torch.Tensor | None, list]:
+def _stacked(
+    rows: list[int], arrived: dict, undecoded: bool = False
+) -> tuple[list[int], torch.Tensor | DeviceBatch | None, list]:
     """A planned batch's arrived rows: (ok rows, their pixels stacked in plan order
-    (B, 3, H, W), failures), taken out of `arrived`."""
+    (B, 3, H, W), failures), taken out of `arrived`. `undecoded`: the rows are a GPU-decode
+    device path's items (JPEG bytes, full-size tensors), gathered into a DeviceBatch."""
     got = [arrived.pop(r) for r in rows]
-    ok_rows = [r for r, g in zip(rows, got) if isinstance(g, torch.Tensor)]
-    failures = [g for g in got if not isinstance(g, torch.Tensor)]
-    pixels = [g for g in got if isinstance(g, torch.Tensor)]
+    ok_rows = [r for r, g in zip(rows, got) if not isinstance(g, tuple)]
+    failures = [g for g in got if isinstance(g, tuple)]  # (row, stage, why)
+    pixels = [g for g in got if not isinstance(g, tuple)]
+    if undecoded:
+        return ok_rows, (DeviceBatch(pixels) if pixels else None), failures
     return ok_rows, (torch.stack(pixels) if pixels else None), failures
+
+
+def _device_pixels(
+    enc: Encoder, ok_rows: list[int], batch: DeviceBatch, failures: list
+) -> tuple[list[int], torch.Tensor | None, list]:
+    """A DeviceBatch decoded and resized on the encoder's device; a row no decoder could
+    read becomes a per-sample failure, as the CPU path's would."""
+    pixels, bad = enc.device_image.pixels(batch, enc.device)
+    dropped = {i for i, _ in bad}
+    failures = failures + [(ok_rows[i], "image-load", why) for i, why in bad]
+    return [r for i, r in enumerate(ok_rows) if i not in dropped], pixels, failures
 
 
 def _log_modality(

@@ -329,9 +329,21 @@ class Encoder:
             "pooling": s.pooling,
             "precision": self.precision,
             "kind": s.kind,
-        } | ({"preprocess": "fast"} if self.fast_image is not None else {})
-        # absent = the reference processor, so caches made before the fast path keep their
-        # fingerprint when extracted again with --exact-preprocess
+        } | self._image_config()
+
+    def _image_config(self) -> dict:
+        """Image towers: `preprocess` (absent = the processor itself, so caches made before
+        the fast path keep their key; "fast" = the draft rule of before; "fast-draft2x" the
+        CPU fast path; "device:pil" / "device:nvjpeg" the device path) and `image_processor`,
+        the processor class whose config every path reproduces (always its PIL-backend
+        class, `_image_processor`)."""
+        if "image" not in self.modalities:
+            return {}
+        path = self.device_image or self.fast_image
+        cls = {"image_processor": type(self.image_processor).__name__}
+        return (cls if self.record_processor else {}) | (
+            {"preprocess": path.recorded} if path is not None else {}
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -361,14 +373,17 @@ class Encoder:
 
     # image --------------------------------------------------------------
     fast_image: Any = None  # an extract.fastimage.FastImagePath once select_preprocess picks it
+    device_image: Any = None  # an extract.devicepath.DevicePath (--decode gpu)
+    record_processor: bool = True  # config() names the processor class (select_recorded)
 
-    def select_preprocess(self, *, exact: bool) -> str | None:
-        """How images load and preprocess: the fast path (extract/fastimage.py: JPEG draft
-        decode, vectorised normalise, the processor's own pixels) unless `exact` asks for
-        the model's processor itself. Returns a line to show once when the fast path was
-        asked for but the processor's config is one it does not reproduce. Until this is
-        called an encoder uses the reference processor."""
-        self.fast_image = None
+    def select_preprocess(self, *, exact: bool, decode: str = "cpu") -> str | None:
+        """How images load and preprocess: the model's processor itself when `exact`; else
+        decode "cpu": the fast path (extract/fastimage.py: JPEG draft decode, vectorised
+        normalise, the processor's own pixels); "gpu": the device path (extract/devicepath.py:
+        full decode, nvJPEG on CUDA with torchvision, torch resize). Returns a line to show
+        once when the chosen path is not quite the one asked for. Until this is called an
+        encoder uses the reference processor."""
+        self.fast_image = self.device_image = None
         if exact or "image" not in self.modalities:
             return None
         from fusebench.extract.fastimage import FastImagePath
@@ -378,35 +393,88 @@ class Encoder:
             return (
                 f"fast image path not used ({fast}); preprocessing with the model's own processor"
             )
-        self.fast_image = fast
+        if decode != "gpu":
+            self.fast_image = fast
+            return None
+        from fusebench.extract.devicepath import DevicePath, gpu_decode_available
+
+        cuda = self.device.type == "cuda"
+        gpu = cuda and gpu_decode_available()
+        self.device_image = DevicePath(fast, on_device=cuda, nvjpeg=gpu)
+        if cuda and not gpu:
+            return (
+                "torchvision is not installed, so JPEGs decode with PIL in the loader workers "
+                "(resized on the GPU); pip install 'fusebench[gpu]' decodes them on the GPU too"
+            )
         return None
+
+    def select_recorded(self, stored: dict) -> None:
+        """The image path a cache's config records (`preprocess`), for recomputing its rows
+        (cache verify): a device path's JPEGs decode with PIL, the JPEG draft keeps the
+        margin it was made with. A cache made before the processor class was recorded keeps
+        config() without it, so its fingerprint still matches."""
+        recorded = stored.get("preprocess")
+        self.record_processor = "image_processor" in stored
+        self.select_preprocess(exact=recorded is None)
+        if recorded is None or "image" not in self.modalities:
+            return
+        from dataclasses import replace
+
+        from fusebench.extract.fastimage import FastImagePath
+
+        base = self.fast_image or FastImagePath.from_processor(self.image_processor)
+        if recorded.startswith("device:") and isinstance(base, FastImagePath):
+            from fusebench.extract.devicepath import DevicePath
+
+            self.fast_image, self.device_image = None, DevicePath(base)
+        elif recorded == "fast" and isinstance(base, FastImagePath):
+            self.fast_image = replace(base, margin=1)
 
     @property
     def preprocess_path(self) -> str:
-        """'fast' or 'reference': goes into config() (and the fingerprint) for image towers."""
+        """'fast', 'device' or 'reference': the image path chosen (config() records it)."""
+        if self.device_image is not None:
+            return "device"
         return "fast" if self.fast_image is not None else "reference"
 
     def load_image(self, sample: Any) -> Any:
-        """A sample's RGB image as the chosen path loads it (`open_sample_image` semantics);
-        ValueError (one line) when it cannot be read."""
+        """A sample's RGB image as the chosen path loads it (`open_sample_image` semantics;
+        the device path may leave a plain JPEG's bytes for the GPU); ValueError (one line)
+        when it cannot be read."""
+        if self.device_image is not None:
+            return self.device_image.open(sample)
         if self.fast_image is not None:
             return self.fast_image.open(sample)
         from fusebench.extract.datasets import open_sample_image
 
         return open_sample_image(sample)
 
+    def device_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float32 on the device, as encode_image feeds the model (passing the
+        result to encode_image changes nothing: it is already there and normalised)."""
+        return self._pixel_values(pixels)
+
     def _pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float32 on the device; uint8 from the fast path is normalised there.
         Pinned pixels (the loader pins them for a GPU) are copied without blocking: the copy
         overlaps the host's work until the forward needs them, on the same stream."""
+        from fusebench.extract.devicepath import DeviceBatch
+
+        if isinstance(pixels, DeviceBatch):  # not decoded yet (cache verify, benchmarks)
+            pixels, bad = self.device_image.pixels(pixels, self.device)
+            if bad:
+                raise ValueError(bad[0][1])
         pixels = pixels.to(self.device, non_blocking=pixels.is_pinned())
-        if pixels.dtype == torch.uint8 and self.fast_image is not None:
-            pixels = self.fast_image.normalize(pixels)
+        path = self.device_image or self.fast_image
+        if pixels.dtype == torch.uint8 and path is not None:
+            pixels = path.normalize(pixels)
         return pixels
 
     def preprocess(self, images: Sequence[Any]) -> np.ndarray:
         """(B, 3, H, W) pixels: float32 from the model's own image processor, or uint8 from
         the fast path that reproduces it (select_preprocess), normalised in encode_image."""
+        if self.device_image is not None:  # (B, 3, H, W) uint8 tensor, or a DeviceBatch
+            return self.device_image.preprocess(list(images))
         if self.fast_image is not None:
             return self.fast_image.preprocess(list(images))
         return np.asarray(

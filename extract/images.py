@@ -6,8 +6,9 @@ One encoder: `BatchImages`, item b = its planned batch b, loaded with the encode
 needs, in dataset order; each image is read once and decoded once per distinct decode
 (`load_once`: two fast paths that ask JPEG draft mode for the same scale, or any encoders on
 an image decoded in full, share one decode; an encoder whose draft scale differs gets its own,
-since other DCT scaling means other pixels), then preprocessed for every encoder that needs
-that row. Either way an encoder sees the same pixels, so its batches hold the same bytes.
+since other DCT scaling means other pixels; the device path's full decode is shared like the
+processor's, and with a GPU decode its plain JPEGs stay bytes), then preprocessed for every
+encoder that needs that row. Either way an encoder sees the same pixels, so its batches hold the same bytes.
 Undecodable images come back as failures, not raised, so the rest of the batch goes on.
 """
 
@@ -130,6 +131,13 @@ def load_once(sample: Sample, encoders: Sequence[Encoder]) -> list[Image.Image |
     decoded: dict[tuple, Image.Image | ValueError] = {}
     out: list[Image.Image | ValueError] = []
     for enc in encoders:
+        device = getattr(enc, "device_image", None)
+        if device is not None and device.nvjpeg:
+            try:  # a plain JPEG stays bytes for the GPU; others decode as that path does
+                out.append(device.from_bytes(data, shown))
+            except ValueError as e:
+                out.append(e)
+            continue
         try:
             img = Image.open(io.BytesIO(data))
             if enc.fast_image is not None:

@@ -47,6 +47,7 @@ class ExtractOptions:
     overwrite: bool = False  # --overwrite: replace a cache of other data or settings
     quiet: bool = False  # --quiet: no progress at all
     exact_preprocess: bool = False  # --exact-preprocess: the model's own image processor
+    decode: str = "auto"  # --decode: cpu | gpu | auto (gpu on a CUDA device)
     text_encoding: str | None = None  # --text-encoding: legacy text files' encoding
     labels: Sequence[str] | None = None  # --labels: classes in order
     columns: dict[str, str] | None = None  # --column: manifest column mapping
@@ -59,6 +60,19 @@ class ExtractOptions:
             raise ValueError("--batch-size must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise ValueError("--limit must be at least 1")
+        if self.decode not in ("cpu", "gpu", "auto"):
+            raise ValueError(f"--decode must be cpu, gpu or auto, not '{self.decode}'")
+        if self.decode == "gpu" and self.exact_preprocess:
+            raise ValueError(
+                "--decode gpu and --exact-preprocess ask for two image paths; pass one "
+                "(--exact-preprocess: the model's own processor, on the CPU)"
+            )
+
+    def decode_on(self, device_type: str) -> str:
+        """--decode resolved for a device: auto is gpu on CUDA, cpu elsewhere."""
+        if self.decode == "auto":
+            return "gpu" if device_type == "cuda" and not self.exact_preprocess else "cpu"
+        return self.decode
 
     def request(self) -> dict:
         """The options that follow the data, as given (None: not given). Recorded in the

@@ -212,12 +212,13 @@ def usable_rows(ds: Dataset, spec: EncoderSpec, opts: ExtractOptions) -> Usable:
 
 
 def load_encoder(
-    spec: EncoderSpec, dev: torch.device, exact_preprocess: bool, log: StageLog
+    spec: EncoderSpec, dev: torch.device, exact_preprocess: bool, log: StageLog, decode: str = "cpu"
 ) -> Encoder:
-    """The model, with its image path chosen (the fast path unless asked not to)."""
+    """The model, with its image path chosen (the fast path unless asked not to; the device
+    path with decode "gpu")."""
     t_load = time.perf_counter()
     enc = build_encoder(spec, dev)
-    if note := enc.select_preprocess(exact=exact_preprocess):
+    if note := enc.select_preprocess(exact=exact_preprocess, decode=decode):
         log.note(note)
     log.stage(f"load model {spec.model} on {dev}", seconds=time.perf_counter() - t_load)
     return enc

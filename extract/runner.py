@@ -125,7 +125,13 @@ def _lead(setup: Setup, opts: ExtractOptions, shard: Shard, t0: float) -> list[E
         for n, spec in setup.specs.items():  # another dataset or setting: refused, no model
             check_existing(finals[n], ds, spec, opts, setup.request)
         encs = {
-            n: load_encoder(spec, setup.dev, opts.exact_preprocess, setup.logs[n])
+            n: load_encoder(
+                spec,
+                setup.dev,
+                opts.exact_preprocess,
+                setup.logs[n],
+                opts.decode_on(setup.dev.type),
+            )  # fmt: skip
             for n, spec in setup.specs.items()
         }
         startup = time.perf_counter() - t0
@@ -187,7 +193,9 @@ def _follower_models(
         encs = {n: build_encoder(spec, setup.dev) for n, spec in setup.specs.items()}
         fps = {}
         for n, enc in encs.items():
-            enc.select_preprocess(exact=opts.exact_preprocess)
+            enc.select_preprocess(
+                exact=opts.exact_preprocess, decode=opts.decode_on(setup.dev.type)
+            )
             config = cache_config(enc, setup.ds, batch_size=opts.batch_size, limit=opts.limit)
             fps[n] = fingerprint(config, setup.ds.manifest()[:rows])
     except Exception as e:  # rank 0 is planning: it hears of this in `settle`

@@ -127,7 +127,7 @@ OPTIONS = {
     "layer": "--layer",
     "batch_size": "--batch-size",
     "precision": "--precision",
-    "preprocess": "--exact-preprocess",
+    "preprocess": "--exact-preprocess / --decode",
     "format": "--format",
     "limit": "--limit",
     "classes": "--labels",
@@ -187,8 +187,10 @@ def setting_differences(
             out[key] = f"{key} {_shown(a)}, now {_shown(b)} ({OPTIONS[key]})"
         elif key == "weights":
             out[key] = f"--random-init {_on(a == 'random')}, now {_on(b == 'random')}"
-        elif key == "preprocess":  # "fast", or absent: the model's own processor
-            out[key] = f"--exact-preprocess {_on(a != 'fast')}, now {_on(b != 'fast')}"
+        elif key == "preprocess":  # absent: the model's own processor
+            out[key] = f"image preprocessing {_image_path(a)}, now {_image_path(b)}"
+        elif key == "image_processor" and a == _ABSENT and str(b).endswith("Pil"):
+            continue  # made before the class was recorded: always the PIL-backend class
         elif key == "model_revision":
             out[key] = (
                 f"model_revision {_shown(a)[:12]}, now {_shown(b)[:12]} (the files of "
@@ -200,6 +202,20 @@ def setting_differences(
             yaml = f"configs/encoders/{config.get('encoder')}.yaml"
             out[key] = f"config '{key}' {_shown(a)}, now {_shown(b)} (the encoder's {yaml})"
     return out
+
+
+# the fingerprint's `preprocess` value -> what the user reads (and the option that makes it)
+IMAGE_PATHS = {
+    _ABSENT: "the model's processor (--exact-preprocess)",
+    "fast": "the CPU fast path of before (JPEG draft decode down to the target size)",
+    "fast-draft2x": "the CPU fast path (--decode cpu)",
+    "device:pil": "the device path, JPEGs decoded by PIL (--decode gpu)",
+    "device:nvjpeg": "the device path, JPEGs decoded by nvJPEG (--decode gpu)",
+}
+
+
+def _image_path(value) -> str:
+    return IMAGE_PATHS.get(value, str(value))
 
 
 def _given(key: str, request: dict, effective) -> str:

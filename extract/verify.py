@@ -32,7 +32,7 @@ def rebuild_encoder(config: dict, device: str = "auto") -> Encoder:
         device=device,
         precision=str(config.get("precision") or "auto").removesuffix("-autocast"),
     )
-    enc.select_preprocess(exact=config.get("preprocess") != "fast")
+    enc.select_recorded(config)
     return enc
 
 

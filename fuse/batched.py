@@ -26,8 +26,14 @@ wall time divided by the number of members.
 
 What it buys: the per-step costs of a fit (Python, optimizer and kernel launches, scoring
 each epoch), not its arithmetic. On the 2-core CPU here, lab5-dev's pooled heads ran 1.5-2.1x
-faster stacked (benchmarks/batched_heads.py); heads that read tokens ran slower and are
-fitted one at a time unless BATCH_TOKEN_HEADS.
+faster stacked (benchmarks/batched_heads.py); heads that read tokens (cross_attn, text_only /
+image_only with use_tokens) ran slower there, so they are stacked on a GPU only
+(stack_token_heads).
+
+On a GPU nothing in a step waits for the host: losses are summed on the device, the step
+decides "every member has a batch" from the host's own plan, and inner-val logits are
+copied over once per epoch. TrainConfig.precision (auto: bf16 on CUDA) puts each forward
+under autocast (fuse.trainer.autocast); weights, AdamW state and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import torch
 from fusebench.fuse.features import FeatureSet
 from fusebench.fuse.trainer import (
     FORWARD_ARGS,
+    autocast,
     batches,
     class_weight_vector,
     gather,
@@ -57,16 +64,35 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
-__all__ = ["BATCH_TOKEN_HEADS", "NotBatchable", "StackedAdamW", "can_batch", "fit_together"]
+__all__ = [
+    "BATCH_TOKEN_HEADS",
+    "NotBatchable",
+    "StackedAdamW",
+    "can_batch",
+    "fit_together",
+    "stack_token_heads",
+]
 
-# Heads that read tokens (cross_attn) run under vmap and match their one-at-a-time fits, but
-# compare fits them one at a time: on lab5-dev's caches on the 2-core CPU, 10 stacked
-# cross_attn fits took 576 s against 186 s one after another (benchmarks/batched_heads.py).
-# Likely causes, not measured apart: vmap runs CPU attention member by member (no batching
-# rule), and a stack pads every member's batch to the longest member's tokens where a fit
-# alone pads to its own. True: stack them anyway (a GPU measurement may justify it).
-BATCH_TOKEN_HEADS = False
-TOKEN_HEADS_NOTE = "heads that read tokens are not stacked: measured slower (fuse.batched)"
+# Heads that read tokens (cross_attn; text_only / image_only with use_tokens) run under vmap
+# and match their one-at-a-time fits (tests/test_batched.py). Why a CPU fits them one at a
+# time: on lab5-dev's caches on the 2-core CPU, 10 stacked cross_attn fits took 576 s against
+# 186 s one after another (benchmarks/batched_heads.py). Not memory, and not the masks: every
+# member's batch is cut to the longest real length among the members' k-th batches and its
+# padded tokens are masked, which changes no number, only adds padded work. The causes: vmap
+# runs the CPU's attention kernel (_scaled_dot_product_flash_attention_for_cpu, no batching
+# rule) member by member, and a step's arithmetic, not its launches, is a CPU's cost. On CUDA
+# the attention kernels have batching rules and a step is launch-bound, so there they are
+# stacked (benchmarks/gpu.sh measures it). None: that rule; True / False: always / never.
+BATCH_TOKEN_HEADS: bool | None = None
+TOKEN_HEADS_NOTE = "heads that read tokens are stacked on a GPU only: on a CPU measured slower"
+
+
+def stack_token_heads(device: str) -> bool:
+    """Whether heads that read tokens train stacked on `device` (a TrainConfig.device):
+    BATCH_TOKEN_HEADS when set, else on CUDA only."""
+    if BATCH_TOKEN_HEADS is not None:
+        return BATCH_TOKEN_HEADS
+    return resolve_device(device).type == "cuda"
 
 
 class NotBatchable(Exception):
@@ -108,13 +134,15 @@ class StackedAdamW:
         self.steps = torch.zeros(len(self.params[0]), device=self.params[0].device)  # (M,)
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
-        """One AdamW step of the members where active (M,) bool is True."""
+    def step(self, active: torch.Tensor, everyone: bool | None = None) -> None:
+        """One AdamW step of the members where active (M,) bool is True. everyone: whether
+        all are (the caller's host-side answer; None reads `active`, a device sync on a GPU)."""
         b1, b2 = self.betas
         self.steps += active.to(self.steps.dtype)
         steps = self.steps.clamp(min=1)  # (M,): inactive members at 0 steps are masked anyway
         bc1, bc2_sqrt = 1 - b1**steps, (1 - b2**steps).sqrt()
-        everyone = bool(active.all())  # the usual step: in place, as torch's AdamW does it
+        if everyone is None:
+            everyone = bool(active.all())  # the usual step: in place, as torch's AdamW does it
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
@@ -318,6 +346,7 @@ class _Members:
     ) -> None:
         self.cfg, self.trains, self.bar = heads[0].train, trains, bar
         self.inputs = {"modalities": modalities, "tokens": tokens, "device": device}
+        self.precision = self.cfg.precision
         self.joined, self.offsets = _joined(trains)
         has_val = [v is not None and len(v) > 0 for v in vals]
         self.vals = {m: v for m, (v, ok) in enumerate(zip(vals, has_val)) if ok}
@@ -326,7 +355,7 @@ class _Members:
             [v if ok else t for v, t, ok in zip(vals, trains, has_val)]
         )
         self.stack = _Stack(modules, device)
-        _probe(self.stack, self.joined, self.offsets, **self.inputs)
+        _probe(self.stack, self.joined, self.offsets, **self.inputs, precision=self.precision)
         self.rngs = [np.random.default_rng(h.seed) for h in heads]
         torch.manual_seed(heads[0].seed)  # dropout: one stream for the stack (module docstring)
         self.lengths = [token_lengths(t, modalities, tokens) for t in trains]
@@ -361,10 +390,12 @@ class _Members:
             rows, real = _padded(local, max(len(r) for r in local if r is not None))  # (S, B)
             rows = rows + self.offsets[alive][:, None]
             inputs = _stacked(self.joined, rows, **self.inputs)
-            real_t = torch.from_numpy(real).to(device)
+            real_t = torch.from_numpy(real).to(device, non_blocking=True)
+            with autocast(device, self.precision):
+                logits = self.stack(inputs, train=True)  # (S, B, C)
             loss = _member_losses(
-                self.stack(inputs, train=True),
-                self.y[torch.from_numpy(rows).to(device)],
+                logits.float(),
+                self.y[torch.from_numpy(rows).to(device, non_blocking=True)],
                 real_t,
                 self.weights[alive],
             )  # (S,)
@@ -373,7 +404,7 @@ class _Members:
             loss.sum().backward()  # members share no weight: each gets its own loss's gradient
             if cfg.grad_clip:
                 _clip_per_member(list(self.stack.params.values()), cfg.grad_clip)
-            self.opt.step(real_t.any(dim=1))
+            self.opt.step(real_t.any(dim=1), everyone=bool(real.any(axis=1).all()))
             total += loss.detach() * real_t.sum(dim=1)
         return [float(total[s]) / max(len(self.trains[m]), 1) for s, m in enumerate(alive)]
 
@@ -386,6 +417,7 @@ class _Members:
             {slot: self.val_lengths[m] for slot, m in enumerate(self.alive)},
             batch_size=self.cfg.eval_batch_size,
             alive=self.alive,
+            precision=self.precision,
             **self.inputs,
         )
 
@@ -439,13 +471,15 @@ def _val_logits(
     tokens: bool,
     device: torch.device,
     alive: list[int],
+    precision: str = "fp32",
 ) -> dict[int, torch.Tensor]:
     """stack slot -> (n_val, C) float32 CPU logits of that member on its inner-val rows, in
-    their order, batched as predict_logits batches them (slots without val rows: absent)."""
+    their order, batched as predict_logits batches them (slots without val rows: absent);
+    filled on the device, copied to the host once."""
     if not vals:
         return {}
     plans = {s: batches(len(v), batch_size, None, lengths[s]) for s, v in vals.items()}
-    out = {s: torch.zeros((len(v), v.n_classes)) for s, v in vals.items()}
+    out = {s: torch.zeros((len(v), v.n_classes), device=device) for s, v in vals.items()}
     for k in range(max(len(p) for p in plans.values())):
         local = [
             plans[s][k] if s in plans and k < len(plans[s]) else None for s in range(len(alive))
@@ -454,11 +488,12 @@ def _val_logits(
         rows, real = _padded(local, width)  # (S, B)
         rows = rows + offsets[alive][:, None]
         inputs = _stacked(joined, rows, modalities=modalities, tokens=tokens, device=device)
-        logits = stack(inputs, train=False).float().cpu()  # (S, B, C)
+        with autocast(device, precision):
+            logits = stack(inputs, train=False).float()  # (S, B, C)
         for s, r in enumerate(local):
             if r is not None and s in out:
-                out[s][torch.from_numpy(r)] = logits[s, : len(r)]
-    return out
+                out[s][torch.from_numpy(r).to(device, non_blocking=True)] = logits[s, : len(r)]
+    return {s: o.cpu() for s, o in out.items()}
 
 
 def _probe(
@@ -468,13 +503,16 @@ def _probe(
     modalities: tuple[str, ...],
     tokens: bool,
     device: torch.device,
+    precision: str,
 ) -> None:
-    """One forward and backward pass of each member's first row (twice): a module that vmap
-    cannot run is NotBatchable before any step is taken."""
+    """One forward (under the fit's autocast) and backward pass of each member's first row
+    (twice): a module that vmap cannot run is NotBatchable before any step is taken."""
     rows = np.repeat(offsets[:, None], 2, axis=1)  # (M, 2)
     try:
         inputs = _stacked(joined, rows, modalities=modalities, tokens=tokens, device=device)
-        stack(inputs, train=True).sum().backward()
+        with autocast(device, precision):
+            logits = stack(inputs, train=True)  # (M, 2, C)
+        logits.float().sum().backward()
     except Exception as e:  # vmap raises RuntimeError / NotImplementedError, by op
         what = " ".join(str(e).split())[:160]
         raise NotBatchable(f"{type(e).__name__}: {what}") from None

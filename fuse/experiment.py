@@ -8,9 +8,13 @@ rows); both go through `run_grid`, so both leave the same files:
     results.json         per cell: mean ± std over folds × seeds and of the per-seed means;
                          per fit: scores, train seconds, parameters, per-epoch history
     results.csv          one row per cell, ranked by mean macro-F1; runs.csv one row per fit
+                         (both: each cell vs the best, fuse.significance; --ensemble K: the
+                         row ensemble(topK) last, fuse.ensemble)
     val_predictions.csv  every scored row of every fit, with each class's probability
     models/<cell-slug>/seed<S>-fold<K>/   every fit's model (fuse.predict.load_head)
     heatmap.png, scores.png, learning_curves.png, confusion.png  (fuse.report.write_plots)
+    robustness.csv, robustness.png  every fit re-scored with a modality missing or noisy
+                         (fuse.robustness; not written with --robustness off)
 
 Every cell is fitted and scored on the same folds (the splits are computed once, on the rows
 usable in every cache of the grid) and the same model seeds.
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import fusebench.fuse.distributed as distributed
+import fusebench.fuse.ensemble as ensemble
 import numpy as np
 import yaml
 from fusebench.fuse._util import few, note, plain, versions
@@ -54,6 +59,7 @@ from fusebench.fuse.metrics import aggregate, score
 from fusebench.fuse.protocol import Fold, StratifiedProtocol
 from fusebench.fuse.registry import HeadConfig, resolve_head
 from fusebench.fuse.report import write_csv
+from fusebench.fuse.significance import csv_columns, of_runs
 
 __all__ = [
     "FitProgress",
@@ -88,6 +94,8 @@ class HeadRun:
     history: list = field(default_factory=list)  # torch: [{epoch, train_loss, val_loss, ...}]
     cell: str = ""  # the cell id (run_grid)
     model_dir: str | None = None  # where the fitted model was saved, relative to the run
+    inner_macro_f1: float = float("nan")  # on fold.inner_val: the ensemble row's choice
+    robustness: dict = field(default_factory=dict)  # condition -> macro-F1 (fuse.robustness)
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,7 @@ def evaluate_head(
     label: str | None = None,
     save: Callable[[int, int], Path] | None = None,
     one_at_a_time: bool = False,
+    robustness: bool = False,
 ) -> list[HeadRun]:
     """Fits a head once per (seed, fold): on fold.fit, early-stopped on fold.inner_val, then
     scores fold.scored — rows it has not seen before.
@@ -203,7 +212,8 @@ def evaluate_head(
     another (the baseline), as every other head is. progress: told when each fit starts and
     ends (its bar or log line, named `label`, default the head); it also decides whether the
     head's own epoch bar shows. save(seed, fold): the folder each fitted model is saved to
-    (none: the models are dropped)."""
+    (none: the models are dropped). robustness: also score each fit with a modality missing
+    or noisy (fuse.robustness; HeadRun.robustness)."""
     if isinstance(head, str):
         options = {"epochs": epochs, "device": device, "class_weights": class_weights}
         head = resolve_head(head, overrides, **options)
@@ -221,7 +231,9 @@ def evaluate_head(
         if not together:
             with fit_label(progress.where if progress is not None else None):
                 est.fit(fs.take(fold.fit), fs.take(fold.inner_val), quiet=quiet)
-        run = scored_run(head.name, est, fs, seed, fold)
+        inner = ensemble.inner_macro_f1(est, fs, fold)  # the ensemble row's choice; before scoring
+        run = scored_run(head.name, est, fs, seed, fold, robustness=robustness)
+        run.inner_macro_f1 = inner
         if save is not None:
             folder = save(seed, fold.index)
             est.save(folder)
@@ -232,8 +244,11 @@ def evaluate_head(
     return runs
 
 
-def scored_run(name: str, head: Head, fs: FeatureSet, seed: int, fold: Fold) -> HeadRun:
-    """A fitted head scored on fold.scored: its scores, cost and per-epoch history."""
+def scored_run(
+    name: str, head: Head, fs: FeatureSet, seed: int, fold: Fold, *, robustness: bool = False
+) -> HeadRun:
+    """A fitted head scored on fold.scored: its scores, cost and per-epoch history (and, with
+    robustness, its macro-F1 per fuse.robustness condition)."""
     scored = fs.take(fold.scored)
     proba = head.predict_proba(scored)  # (n_scored, C)
     metrics = score(scored.label, proba, fs.classes)
@@ -244,7 +259,12 @@ def scored_run(name: str, head: Head, fs: FeatureSet, seed: int, fold: Fold) -> 
         n_params=int(head.n_params_),
         best_iteration=head.best_iteration_,
     )
-    return HeadRun(name, seed, fold.index, metrics, fold.scored, proba, fit_history(head))
+    run = HeadRun(name, seed, fold.index, metrics, fold.scored, proba, fit_history(head))
+    if robustness:
+        from fusebench.fuse.robustness import robustness_scores
+
+        run.robustness = robustness_scores(head, fs, fold, seed=seed, clean=proba)
+    return run
 
 
 def _fit_together(
@@ -284,23 +304,31 @@ def run_grid(spec: GridSpec, *, out: str | Path = "runs", quiet: bool = False) -
     if (msg := distributed.split_note(share, len(cells))) is not None:
         note(msg)
     device = distributed.rank_spec(spec).device  # cuda:LOCAL_RANK under torchrun on GPUs
-    name = cells[0].head if spec.command == "fuse" else "compare"
+    name = cells[0].head if spec.command == "fuse" else spec.command
     total = len(mine) * len(folds) * len(seeds)
     lead = distributed.is_lead()  # only rank 0 shows a bar (its own fits)
+    from fusebench.fuse.tune import run_folder, tune_cells
+
     with (
-        distributed.SharedRunDir(out, name) as run,
+        run_folder(spec, out, name, cells) as run,  # a tune's resumes (fuse.tune)
         FitProgress(total, len(folds), quiet=quiet or not lead, desc=spec.command) as progress,
     ):
 
         def fit_mine() -> list[HeadRun]:
-            runs = []
-            for group in mine:
-                group = [on_device(cell, device) for cell in group]
-                runs += fit_group(spec, group, folds, seeds, run.path, progress, quiet)
+            from fusebench.fuse.overlap import fit_groups  # CPU heads beside CUDA ones
+
+            groups = [[on_device(cell, device) for cell in group] for group in mine]
+            runs = fit_groups(
+                groups, lambda g, p: fit_group(spec, g, folds, seeds, run.path, p, quiet), progress
+            )
             order = {c.id: i for i, c in enumerate(cells)}
             return sorted(runs, key=lambda r: order[r.cell])  # grid order; stable
 
         runs = distributed.collect(fit_mine, cells)  # None on ranks other than 0
+        if runs is not None and spec.tune:  # fuse.tune: the tuned cells, nested, added
+            cells, runs = tune_cells(
+                spec, cells, runs, folds, seeds, run.path, scored_run=scored_run, quiet=quiet
+            )
         if runs is not None:
             inputs = RunInputs(spec, bank, cells, fits, folds, seeds)
             results = write_run(run.path, inputs, runs)
@@ -468,6 +496,7 @@ def fit_group(
         label=first.id,
         save=save,
         one_at_a_time=spec.one_at_a_time,
+        robustness=spec.robustness,
     )
     for r in runs:
         r.cell = first.id
@@ -519,19 +548,38 @@ def write_run(run_dir: Path, inputs: RunInputs, runs: Sequence[HeadRun]) -> dict
     """Every file of the run folder but the models (saved as they were fitted); returns the
     results.json dict."""
     fs = inputs.bank.base
-    write_csv(run_dir / "val_predictions.csv", prediction_rows(runs, fs))
-    results = results_of(inputs.spec.protocol, fs.classes, inputs.cells, runs)
+    votes, voted = ensemble_of(inputs, runs)  # none without --ensemble
+    every = [*runs, *voted]
+    write_csv(run_dir / "val_predictions.csv", prediction_rows(every, fs))
+    results = results_of(inputs.spec.protocol, fs.classes, inputs.cells, every, inputs, votes)
     config = run_config(inputs, runs, results["ranking"])
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     )
     (run_dir / "results.json").write_text(json.dumps(plain(results), indent=2))
     write_csv(run_dir / "results.csv", results_rows(results))
-    write_csv(run_dir / "runs.csv", [run_row(r, results["cells"][r.cell]) for r in runs])
+    rows = [run_row(r, results["cells"].get(r.cell) or results["ensemble"]) for r in every]
+    write_csv(run_dir / "runs.csv", rows)
     from fusebench.fuse.report import write_plots
+    from fusebench.fuse.robustness import write_robustness
 
     write_plots(run_dir, results)
+    write_robustness(run_dir, runs)  # robustness.csv/.png; nothing with --robustness off
     return results
+
+
+def ensemble_of(inputs: RunInputs, runs: Sequence[HeadRun]) -> tuple[list, list[HeadRun]]:
+    """--ensemble K: the votes of the ensemble row (fuse.ensemble) and its fits as HeadRuns
+    (cell "ensemble(topK)"); ([], []) without it, or with fewer than K cells of their own."""
+    k, fs = inputs.spec.ensemble, inputs.bank.base
+    groups = [[c.id for c in g] for g in inputs.fits]
+    names = ensemble.candidates([c.id for c in inputs.cells], groups)
+    votes = ensemble.vote(runs, names, k, fs.label, fs.classes) if k else []
+    cell = ensemble.ensemble_id(k)
+    voted = [
+        HeadRun("ensemble", v.seed, v.fold, v.metrics, v.scored, v.proba, cell=cell) for v in votes
+    ]
+    return votes, voted
 
 
 def results_of(
@@ -539,8 +587,12 @@ def results_of(
     classes: Sequence[str],
     cells: Sequence[Cell],
     runs: Sequence[HeadRun],
+    inputs: RunInputs,
+    votes: Sequence[ensemble.Vote] = (),
 ) -> dict:
-    """results.json: per cell its summary over folds × seeds, ranked; every fit's record."""
+    """results.json: per cell its summary over folds × seeds, ranked, and its comparison with
+    the best (fuse.significance); the ensemble row (votes: fuse.ensemble), if any; every
+    fit's record."""
     out = {}
     for cell in cells:
         mine = [r for r in runs if r.cell == cell.id]
@@ -553,13 +605,21 @@ def results_of(
             "summary": aggregate([r.metrics for r in mine], classes),
         }
     ranking = sorted(out, key=lambda c: -out[c]["summary"]["macro_f1"]["mean"])  # stable
+    extra = {"ensemble": ensemble.entry(inputs.spec.ensemble, votes, classes)} if votes else {}
+    rows = {**out, **({extra["ensemble"]["id"]: extra["ensemble"]} if votes else {})}
+    same = next(([c.id for c in g] for g in inputs.fits if ranking[0] in {c.id for c in g}), [])
+    design, tests = of_runs(runs, list(rows), ranking[0], same, inputs.folds)
+    for row_id, entry in rows.items():
+        entry["significance"] = tests[row_id]
     return plain(
         {
             "protocol": protocol.describe(),
             "spread": SPREAD,
+            "significance": design,
             "classes": list(classes),
             "ranking": ranking,
             "cells": {c: out[c] for c in ranking},
+            **extra,
             "runs": [run_record(r) for r in runs],
         }
     )
@@ -577,15 +637,24 @@ def run_record(r: HeadRun) -> dict:
         "train_time_s": m["train_time_s"],
         "n_params": m["n_params"],
         "best_iteration": m["best_iteration"],
+        "inner_macro_f1": _number(r.inner_macro_f1),  # on inner_val: the ensemble's choice
         "history": r.history,
     }
 
 
+def _number(x: float) -> float | None:
+    """x, or None for NaN (the ensemble row's own fits have no inner score): JSON has no NaN."""
+    return None if x != x else x
+
+
 def results_rows(results: dict) -> list[dict]:
-    """results.csv: one row per cell, ranked; mean and std over fits, std of the seed means."""
+    """results.csv: one row per cell, ranked; mean and std over fits, std of the seed means;
+    the comparison with the best (fuse.significance.csv_columns); the ensemble row last."""
     rows = []
-    for rank, cid in enumerate(results["ranking"], start=1):
-        cell = results["cells"][cid]
+    extra = results.get("ensemble")
+    ids = [*results["ranking"], *([extra["id"]] if extra else [])]
+    for rank, cid in enumerate(ids, start=1):
+        cell = results["cells"].get(cid) or extra
         s = cell["summary"]
         row = {"rank": rank, "cell": cid}
         row.update({k: cell[k] or "none" for k in ("text", "image")})
@@ -598,6 +667,9 @@ def results_rows(results: dict) -> list[dict]:
         row["train_time_s_mean"] = round(s["train_time_s"]["mean"], 4)
         row["n_params_mean"] = round(s["n_params"]["mean"], 1)
         row["n_params_meaning"] = cell["n_params_meaning"]
+        row.update(csv_columns(cell.get("significance")))
+        if cell is extra:
+            row["rank"] = "-"
         rows.append(row)
     return rows
 
@@ -617,6 +689,7 @@ def run_row(r: HeadRun, cell: dict) -> dict:
         "train_time_s": round(m["train_time_s"], 4),
         "n_params": m["n_params"],
         "best_iteration": m["best_iteration"],
+        "inner_macro_f1": "" if _number(r.inner_macro_f1) is None else round(r.inner_macro_f1, 6),
     }
 
 

@@ -47,6 +47,7 @@ from fusebench.fuse.registry import (
     resolve_head,
     resolve_params,
 )
+from fusebench.fuse.search_space import tune_settings
 
 NONE = "none"  # how an absent encoder is written: --image none, cell ids, config.yaml lists
 
@@ -70,6 +71,7 @@ class Cell:
     overrides: dict = field(default_factory=dict, compare=False, hash=False)
     config: HeadConfig = field(default=None, compare=False, hash=False, repr=False)
     features: FeatureSet | None = field(default=None, compare=False, hash=False, repr=False)
+    tuned: int = 0  # > 0: nested-tuned with this many trials per study (fuse.tune)
 
     def __post_init__(self) -> None:
         if self.config is None:
@@ -78,6 +80,12 @@ class Cell:
     @property
     def id(self) -> str:
         pair = f"{self.text or NONE}+{self.image or NONE}/{self.head}"
+        if (
+            self.tuned
+        ):  # variant "[SWEEP, ]tuned, N trials" (fuse.tune) -> "...@SWEEP (tuned, N trials)"
+            mark = f"tuned, {self.tuned} trials"
+            base = self.variant.removesuffix(mark).rstrip(", ")
+            return pair + (f"@{base}" if base else "") + f" ({mark})"
         return pair + (f"@{self.variant}" if self.variant else "")
 
     @property
@@ -295,6 +303,9 @@ class GridSpec:
     heads_all: bool = False  # --heads all: heads that cannot run anywhere are skipped
     one_at_a_time: bool = False  # torch fits one after another, not stacked (fuse.batched)
     memory_budget: str | None = None  # RAM for features, e.g. "1GB" (None: half the available)
+    tune: dict | None = None  # fuse.search_space.tune_settings (None: nothing is tuned)
+    robustness: bool = True  # also score every fit with a modality missing/noisy (fuse.robustness)
+    ensemble: int = 0  # > 0: an extra row, the soft vote of the top k cells (fuse.ensemble)
     # --config: the replayed run's folder and its caches' fingerprints (encoder -> fingerprint),
     # so a replay on caches extracted again since (or another dataset in their place) says so
     replayed: tuple[str, dict] | None = field(default=None, compare=False)
@@ -322,6 +333,9 @@ class GridSpec:
             "allow_stale": self.allow_stale,
             "one_at_a_time": self.one_at_a_time,
             "memory_budget": self.memory_budget,
+            "robustness": self.robustness,
+            "ensemble": self.ensemble,
+            **({"tune": self.tune} if self.tune else {}),
         }
 
     def options(self, overrides: dict) -> dict[str, Any]:
@@ -443,7 +457,7 @@ def parse_seeds(spec: str | Sequence[int]) -> list[int]:
     return seeds
 
 
-DEFAULT_PROTOCOL = {"fuse": {"val_ratio": 0.1}, "compare": {"folds": 5}}
+DEFAULT_PROTOCOL = {"fuse": {"val_ratio": 0.1}, "compare": {"folds": 5}, "tune": {"folds": 5}}
 
 
 def resolve_settings(
@@ -469,7 +483,7 @@ def resolve_settings(
             "--features is required: the cache folder features/DATASET (or --config RUN/config.yaml)"
         )
     if pick("heads") is None:
-        flag = "--head" if command == "fuse" else "--heads"
+        flag = "--head" if command in ("fuse", "tune") else "--heads"
         raise ValueError(f"{flag} is required; valid heads: {', '.join(list_heads())}")
     heads, heads_all = parse_heads(pick("heads"))
     text, image = parse_encoders(pick("text"), "--text"), parse_encoders(pick("image"), "--image")
@@ -500,6 +514,9 @@ def resolve_settings(
         allow_stale=bool(pick("allow_stale")),
         one_at_a_time=bool(pick("one_at_a_time")),
         memory_budget=_budget(pick("memory_budget")),
+        tune=tune_settings(command, given, explicit, old),
+        robustness=_on_off(pick("robustness"), "--robustness"),
+        ensemble=_ensemble(pick("ensemble")),
         replayed=None if config is None else (str(config), recorded_fingerprints(config)),
     )
 
@@ -513,6 +530,25 @@ def _one_cell(text: list, image: list, heads: list, config) -> None:
                 f"fuse runs one cell, but {where} {what} {shown}; pass one {what}, or run "
                 "`fusebench compare` for a grid"
             )
+
+
+def _on_off(value: Any, flag: str) -> bool:
+    """An on/off setting as typed (on, off, true, false; None: on) -> bool."""
+    if value is None or isinstance(value, bool):
+        return value is not False
+    word = str(value).strip().lower()
+    if word not in ("on", "off", "true", "false"):
+        raise ValueError(f"{flag} must be on or off, not {value!r}")
+    return word in ("on", "true")
+
+
+def _ensemble(k: Any) -> int:
+    """--ensemble K: how many cells the ensemble row votes with (0 or None: no such row)."""
+    if k is None:
+        return 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+        raise ValueError(f"--ensemble must be 0 (no ensemble row) or at least 2, not {k!r}")
+    return k
 
 
 def _budget(budget: Any) -> str | None:
@@ -608,6 +644,9 @@ CONFIG_TYPES = {  # key -> (check, what it must be)
     "allow_stale": (lambda v: isinstance(v, bool), "true or false"),
     "one_at_a_time": (lambda v: isinstance(v, bool), "true or false"),
     "memory_budget": (lambda v: v is None or isinstance(v, (str, int)), "a size like 1GB, or null"),
+    "tune": (lambda v: v is None or isinstance(v, dict), "a mapping (trials, timeout, ...)"),
+    "robustness": (lambda v: isinstance(v, bool), "true or false"),
+    "ensemble": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
 }
 
 

@@ -140,10 +140,11 @@ class TorchClassifier:
     ) -> bool:
         """The FitsTogether capability: `heads` (one head and settings, one per seed × fold)
         trained as one stacked model (fuse.batched); False, with a note, when they are fitted
-        one at a time instead: token heads (measured slower), or a module vmap refuses."""
+        one at a time instead: token heads on a CPU (measured slower), or a module vmap
+        refuses."""
         if not batched.can_batch(heads):
             return False
-        if heads[0].needs_tokens and not batched.BATCH_TOKEN_HEADS:
+        if heads[0].needs_tokens and not batched.stack_token_heads(heads[0].train.device):
             why = batched.TOKEN_HEADS_NOTE
             note(f"{label}: its {len(heads)} fits are trained one at a time ({why})")
             return False
@@ -217,6 +218,7 @@ class TorchClassifier:
             tokens=self.needs_tokens,
             device=self.device_,
             batch_size=self.train.eval_batch_size,
+            precision=self.train.precision,
         )
         return torch.softmax(logits, dim=1).numpy()
 

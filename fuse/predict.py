@@ -83,6 +83,7 @@ class PredictionReport:
     model_dirs: list[str]  # relative to the run folder
     unpredicted: dict[str, str] = field(default_factory=dict)  # guid -> why it has no tag
     refit: dict | None = None  # refit.json of a refit prediction
+    extracted: list = field(default_factory=list)  # predict --data: the ExtractReports of NEW
 
 
 def _damaged(run: Path, what: str) -> RunFolderError:

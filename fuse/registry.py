@@ -92,9 +92,10 @@ def head_config(name: str) -> dict[str, Any]:
             )
         given = HEADS.config(name)
         if not isinstance(given, Path):
-            return dict(given or {})
+            return {k: v for k, v in (given or {}).items() if k != "search"}
         path = given
-    return read_config(path)
+    # `search:` is the head's search space (fuse.search_space), not a hyperparameter
+    return {k: v for k, v in read_config(path).items() if k != "search"}
 
 
 def resolve_params(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

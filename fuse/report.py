@@ -2,7 +2,9 @@
 (matplotlib, Agg), all drawn from its results.json dict (cells, ranking, runs), so a run on
 disk can be tabled and plotted again without retraining (`fusebench report` does).
 
-    cells_table(results)          the ranked table `fuse` and `compare` print
+    cells_table(results)          the ranked table `fuse` and `compare` print: each cell vs
+                                  the best (Δ F1, p, best / tied / worse: fuse.significance)
+                                  and the ensemble row last (compare --ensemble K)
     write_plots(run_dir, results) heatmap.png, scores.png, learning_curves.png, confusion.png
 """
 
@@ -13,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from fusebench.fuse.significance import tied_mark
 
 
 def write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> None:
@@ -92,6 +95,9 @@ CELL_HEADER = (
     "head",
     "variant",
     *(title for _, title in CELL_METRICS),
+    "Δ F1",
+    "p",
+    "vs best",
     "n",
     "seed-sd F1",
     "train s",
@@ -101,26 +107,72 @@ CELL_HEADER = (
 
 def cell_rows(results: Mapping) -> list[list[str]]:
     """The ranked table as strings: one list per cell, columns as in CELL_HEADER."""
-    rows = []
-    for rank, cell_id in enumerate(results["ranking"], start=1):
-        cell = results["cells"][cell_id]
-        s = cell["summary"]
-        sd = seed_sd(s)
-        rows.append(
-            [
-                str(rank),
-                cell.get("text") or "none",
-                cell.get("image") or "none",
-                cell["head"],
-                cell.get("variant") or "-",
-                *(mean_pm(s[key]) for key, _ in CELL_METRICS),
-                str(s["macro_f1"]["n"]),
-                "-" if sd is None else f"{sd:.3f}",
-                f"{s['train_time_s']['mean']:.2f}",
-                f"{round(s['n_params']['mean']):,}",
-            ]
-        )
-    return rows
+    return [
+        row_cells(str(rank), results["cells"][cell_id])
+        for rank, cell_id in enumerate(results["ranking"], start=1)
+    ]
+
+
+def ensemble_rows(results: Mapping) -> list[list[str]]:
+    """The ensemble row (compare --ensemble K; fuse.ensemble) as the table's last row, rank
+    "-" (it is not a cell: predict cannot use it); [] for a run without one."""
+    ensemble = results.get("ensemble")
+    if not ensemble:
+        return []
+    row = row_cells("-", ensemble)
+    row[1:3] = ["-", "-"]  # it reads what its members read: not one encoder pair
+    return [row]
+
+
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def vs_best(entry: Mapping | None) -> list[str]:
+    """A row's Δ F1, p and mark (fuse.significance.tied_mark); "-" before significance."""
+    if not entry:
+        return ["-", "-", "-"]
+    if entry.get("best"):
+        return ["-", "-", "best"]
+    return [f"{entry['delta_macro_f1']:+.3f}", _p(entry.get("p")), tied_mark(entry)]
+
+
+def row_cells(rank: str, cell: Mapping) -> list[str]:
+    """One row of the table (a cell's results.json entry, or the ensemble's)."""
+    s = cell["summary"]
+    sd = seed_sd(s)
+    return [
+        rank,
+        cell.get("text") or "none",
+        cell.get("image") or "none",
+        cell["head"],
+        cell.get("variant") or "-",
+        *(mean_pm(s[key]) for key, _ in CELL_METRICS),
+        *vs_best(cell.get("significance")),
+        str(s["macro_f1"]["n"]),
+        "-" if sd is None else f"{sd:.3f}",
+        f"{s['train_time_s']['mean']:.2f}",
+        f"{round(s['n_params']['mean']):,}",
+    ]
+
+
+def significance_line(results: Mapping) -> str | None:
+    """The footer's statement of the test behind "vs best" and its alpha; None for a run
+    written before significance (fuse.significance), or of one row (nothing to compare)."""
+    design = results.get("significance")
+    rows = [results["cells"][c] for c in results["ranking"]]
+    rows += [results["ensemble"]] if results.get("ensemble") else []
+    if not design or len(rows) < 2:  # one cell (fuse): nothing to compare
+        return None
+    if design.get("note"):
+        return f"vs best: {design['note']}"
+    family = sum(1 for r in rows if "why" not in r.get("significance", {"why": 1}))
+    return (
+        f"vs best: each row vs the best cell, fit by fit (same seed, fold): {design['test']} "
+        f"(n_test/n_train = {design['n_test']:.0f}/{design['n_train']:.0f}), Holm-corrected "
+        f"over {family} row(s), α = {design['alpha']:g}; p = Holm-adjusted p; tied = cannot "
+        "be told apart from the best (p ≥ α); Wilcoxon signed-rank p in results.csv"
+    )
 
 
 def table_footer(results: Mapping) -> list[str]:
@@ -129,9 +181,11 @@ def table_footer(results: Mapping) -> list[str]:
         "± = std over folds x seeds (n fits); seed-sd F1 = std of the per-seed means of "
         "macro-F1 (the spread to compare two cells by)"
     ]
+    if (line := significance_line(results)) is not None:
+        lines.insert(0, line)
     meanings = {}
-    for cell_id in results["ranking"]:
-        cell = results["cells"][cell_id]
+    extra = [results["ensemble"]] if results.get("ensemble") else []
+    for cell in [*(results["cells"][c] for c in results["ranking"]), *extra]:
         if cell.get("n_params_meaning"):
             meanings.setdefault(cell["n_params_meaning"], []).append(cell["head"])
     for meaning, heads in meanings.items():
@@ -141,7 +195,7 @@ def table_footer(results: Mapping) -> list[str]:
 
 def cells_table(results: Mapping) -> str:
     """The stdout table of a run: one row per cell, best mean macro-F1 first."""
-    rows = cell_rows(results)
+    rows = cell_rows(results) + ensemble_rows(results)
     numeric = {0, *range(5, len(CELL_HEADER))}
     widths = [max(len(r[i]) for r in [CELL_HEADER, *rows]) for i in range(len(CELL_HEADER))]
     lines = [

@@ -29,6 +29,7 @@ from fusebench.fuse._util import STAGING, OutputError, os_error_line, write_atom
 from fusebench.fuse.report import (
     CELL_HEADER,
     cell_rows,
+    ensemble_rows,
     fits_phrase,
     history_cells,
     mean_pm,
@@ -201,7 +202,7 @@ nav a { margin-right: 14px; }
 .warn { color: #9a3b00; font-weight: 600; }
 """
 
-NUMBER = re.compile(r"-|-?[\d,]*\.?\d+(?: ± \d*\.?\d+)?")  # 0.512 ± 0.020, 1,731, -
+NUMBER = re.compile(r"-|[-+]?[\d,]*\.?\d+(?: ± \d*\.?\d+)?|<0\.001")  # 0.512 ± 0.020, -
 
 
 def esc(value: Any) -> str:
@@ -379,7 +380,7 @@ def _mtime(path: Path) -> str:
     return stamp.isoformat(timespec="seconds")
 
 
-def run_section(run: RunFolder, index: int) -> str:
+def run_section(run: RunFolder, index: int, cell: str | None = None) -> str:
     res = run.results
     best = res["ranking"][0]
     s = res["cells"][best]["summary"]
@@ -400,8 +401,8 @@ def run_section(run: RunFolder, index: int) -> str:
     )
     return (
         f'<section id="run-{index}"><h2>{esc(run.name)}</h2>{lead}'
-        f"<h3>Ranking</h3>{_table(CELL_HEADER, cell_rows(res))}{footer}{_per_class(run)}"
-        f"{plots}{_provenance(run)}</section>"
+        f"<h3>Ranking</h3>{_table(CELL_HEADER, cell_rows(res) + ensemble_rows(res))}{footer}"
+        f"{_per_class(run)}{plots}{_analysis(run, cell)}{_provenance(run)}</section>"
     )
 
 
@@ -457,11 +458,24 @@ def combined_section(runs: Sequence[RunFolder]) -> str:
     )
 
 
-def render(runs: Sequence[RunFolder]) -> str:
+def _analysis(run: RunFolder, cell: str | None) -> str:
+    """Robustness (fuse.robustness) and error galleries of `cell` (fuse.gallery)."""
+    from fusebench.fuse.gallery import gallery_section
+    from fusebench.fuse.report_tune import tune_section
+    from fusebench.fuse.robustness import report_section
+
+    tuning = tune_section(run.path)  # the tuned cells' trial history and importances
+    return (
+        report_section(run.path) + tuning + gallery_section(run.path, run.results, run.config, cell)
+    )
+
+
+def render(runs: Sequence[RunFolder], cell: str | None = None) -> str:
     """The whole page as one string."""
     created = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     nav = "".join(f'<a href="#run-{k}">{esc(r.name)}</a>' for k, r in enumerate(runs, start=1))
-    body = combined_section(runs) + "".join(run_section(r, k) for k, r in enumerate(runs, start=1))
+    sections = [run_section(r, k, cell) for k, r in enumerate(runs, start=1)]
+    body = combined_section(runs) + "".join(sections)
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -473,7 +487,9 @@ def render(runs: Sequence[RunFolder]) -> str:
     )
 
 
-def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html") -> Path:
+def write_report(
+    run_dirs: Sequence[str | Path], out: str | Path = "report.html", cell: str | None = None
+) -> Path:
     """Reads every run folder first (one line for the first bad one), then writes one HTML
     file atomically; returns its path."""
     if not run_dirs:
@@ -482,7 +498,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.html"
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file path such as {out / 'report.html'}")
-    page = render(runs)
+    page = render(runs, cell)  # cell: the error galleries' (default: each run's best)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, lambda fh: fh.write(page))

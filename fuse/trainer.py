@@ -10,6 +10,7 @@ epochs without improvement and the best weights are restored. Only the rows pass
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_batch_size: int = 256
     standardize: bool = True  # scale every input feature by the fit rows' mean / std (Standardized)
+    # auto: bf16 autocast on CUDA, float32 elsewhere; bf16: autocast on any device (on a CPU
+    # it is slower, and does not reach the matmuls of stacked fits under vmap); fp32: never.
+    # Weights, optimizer state and the loss stay float32 throughout.
+    precision: str = "auto"
 
     @classmethod
     def from_dict(cls, values: Any, *, head: str = "") -> TrainConfig:
@@ -106,7 +111,17 @@ TRAIN_BOUNDS = {
     "patience": NON_NEGATIVE,
     "grad_clip": NON_NEGATIVE,
 }
-TRAIN_CHOICES = {"monitor": ("macro_f1", "loss")}
+TRAIN_CHOICES = {"monitor": ("macro_f1", "loss"), "precision": ("auto", "fp32", "bf16")}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward passes' context for TrainConfig.precision on `device`: bf16 autocast
+    (matmuls and attention in bfloat16, reductions and the loss in float32), or nothing.
+    auto is bf16 on CUDA only: on a CPU autocast is slower, and there the numbers of every
+    existing run must stay what they were."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 _warm: set[str] = set()
@@ -362,14 +377,18 @@ def predict_logits(
     tokens: bool,
     device: torch.device,
     batch_size: int = 256,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """(n, C) float32 logits on the CPU for every row of fs, in fs's order."""
+    """(n, C) float32 logits on the CPU for every row of fs, in fs's order; filled on the
+    device and copied over once (no host synchronisation per batch)."""
     module.eval()
-    out = torch.zeros((len(fs), fs.n_classes))
+    out = torch.zeros((len(fs), fs.n_classes), device=device)
     for rows in batches(len(fs), batch_size, None, token_lengths(fs, modalities, tokens)):
         batch = gather(fs, rows, modalities=modalities, tokens=tokens, device=device)
-        out[torch.from_numpy(rows)] = module(**batch).float().cpu()  # (b, C)
-    return out
+        with autocast(device, precision):
+            logits = module(**batch)  # (b, C)
+        out[torch.from_numpy(rows).to(device, non_blocking=True)] = logits.float()
+    return out.cpu()
 
 
 @dataclass
@@ -479,7 +498,7 @@ class SingleFit:
             lr=cfg.lr,
             weight_decay=cfg.weight_decay,
         )
-        self.y = torch.as_tensor(train.label, dtype=torch.long)
+        self.y = torch.as_tensor(train.label, dtype=torch.long, device=device)
         self.train, self.val, self.cfg = train, val, cfg
         self.bar = tqdm(
             total=cfg.epochs * len(train),
@@ -495,25 +514,38 @@ class SingleFit:
 
     def train_epoch(self) -> list[float]:
         self.module.train()
-        total, device = 0.0, self.inputs["device"]
+        device = self.inputs["device"]
+        # on a GPU the loss is summed where it is (float64, the same sums as the host's):
+        # .item() per batch would wait for every step to finish before queueing the next
+        total: float | torch.Tensor = 0.0
+        on_host = device.type != "cuda"
         n = len(self.train)
         for rows in batches(n, self.cfg.batch_size, self.rng, self.lengths, self.blocks):
-            logits = self.module(**gather(self.train, rows, **self.inputs))  # (b, C)
-            loss = self.loss_fn(logits, self.y[rows].to(device))
+            at = torch.from_numpy(rows).to(device, non_blocking=True)  # (b,)
+            with autocast(device, self.cfg.precision):
+                logits = self.module(**gather(self.train, rows, **self.inputs))  # (b, C)
+            loss = self.loss_fn(logits.float(), self.y[at])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
             self.opt.step()
-            total += loss.item() * len(rows)
+            if on_host:
+                total += loss.item() * len(rows)
+            else:
+                total = total + loss.detach().double() * len(rows)
             self.bar.update(len(rows))
-        return [total / max(n, 1)]
+        return [float(total) / max(n, 1)]
 
     def val_logits(self) -> dict[int, torch.Tensor]:
         if self.val is None or not len(self.val):
             return {}
-        batch = self.cfg.eval_batch_size
-        return {0: predict_logits(self.module, self.val, **self.inputs, batch_size=batch)}
+        batch, precision = self.cfg.eval_batch_size, self.cfg.precision
+        return {
+            0: predict_logits(
+                self.module, self.val, **self.inputs, batch_size=batch, precision=precision
+            )
+        }
 
     def state(self, slot: int) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}

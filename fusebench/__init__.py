@@ -12,6 +12,8 @@ stage two never pulls in stage one's libraries:
     build_head(name, **overrides)            a head of the registry, with its YAML defaults
     run_compare(**flags) / run_grid(spec)    the grid runner behind `fuse` and `compare`
     predict_run(run, split=, out=)           labels from a finished run
+    predict_data(run, data, out=)            labels for new data, extracted as the run's caches were
+    predict_pairs(run, [(text, image), ...]) the same for (text, image path) pairs: one label each
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _API = {
     "run_compare": "fusebench.fuse.experiment",
     "run_grid": "fusebench.fuse.experiment",
     "predict_run": "fusebench.fuse.predict",
+    "predict_data": "fusebench.newdata",
+    "predict_pairs": "fusebench.newdata",
     "score": "fusebench.fuse.metrics",
 }
 

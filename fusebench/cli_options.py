@@ -75,7 +75,18 @@ ExactPreprocessOpt = Annotated[
     bool,
     typer.Option(
         "--exact-preprocess",
-        help="Images through the model's own processor (slower) instead of the fast path that reproduces it.",
+        help="Images through the model's own image processor, always its PIL-backend class "
+        "(e.g. ViTImageProcessorPil, with or without torchvision; slower) instead of a path "
+        "that reproduces it. The class is recorded in the cache.",
+    ),
+]
+DecodeOpt = Annotated[
+    str,
+    typer.Option(
+        help="Image path: cpu (PIL in the loader workers, JPEG draft decode kept >= 2x the "
+        "target) | gpu (full decode, resize + normalise with torch on the device; JPEGs "
+        "decoded by nvJPEG when torchvision is installed: fusebench's gpu extra) | "
+        "auto (gpu on a CUDA device). Recorded in the cache: another decode is another setting.",
     ),
 ]
 
@@ -213,6 +224,33 @@ PredictOut = Annotated[
         )
     ),
 ]
+PredictSplit = Annotated[
+    str | None,
+    typer.Option(help="Which rows of the run's caches to label (default: test); not with --data."),
+]
+PredictData = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help=(
+            "New data to label, any format `extract` reads: extracted first with exactly the "
+            "encoder settings the run's caches record (model files checked against their hashes), "
+            "into RUN/new/<dataset>/ (reused next time); every row of it is labelled."
+        ),
+    ),
+]
+FeaturesOut = Annotated[
+    Path | None,
+    typer.Option(help="With --data: where NEW's caches go (default: RUN/new), OUT/<dataset>/."),
+]
+ModelDir = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model-dir",
+        help="With --data: ENCODER=FOLDER, where the run's model files are on this machine "
+        "(checked against the recorded hash); repeatable.",
+    ),
+]
 PredictModel = Annotated[
     str,
     typer.Option(
@@ -221,5 +259,56 @@ PredictModel = Annotated[
             "retrained on all labelled rows (epochs / boosting rounds = median best of its CV fits, "
             "one model per run seed; saved under RUN/refit/ and reused); fold0: the first fit only."
         )
+    ),
+]
+Ensemble = Annotated[
+    int,
+    typer.Option(
+        "--ensemble",
+        metavar="K",
+        help="Add a row ensemble(topK): per fold x seed, the soft vote of the K cells with "
+        "the best inner-validation macro-F1, scored on the fold (0: no such row).",
+    ),
+]
+Robustness = Annotated[
+    str,
+    typer.Option(
+        "--robustness",
+        help="on: also score every fit on its scored rows with the image or the text missing "
+        "or noisy (3 levels), into robustness.csv/.png; off: skip it.",
+    ),
+]
+
+# tuning (`fusebench tune`, `compare --tune N`; fuse/tune.py)
+Trials = Annotated[
+    int,
+    typer.Option(
+        help="Trials per study (one study per outer fold x seed), pruned ones included; a "
+        "resumed tune runs only the trials missing."
+    ),
+]
+TuneTimeout = Annotated[
+    float | None,
+    typer.Option("--timeout", help="Seconds per study (per outer fold x seed) at most."),
+]
+InnerFolds = Annotated[
+    int, typer.Option(help="Inner stratified folds of each outer fold's training part.")
+]
+TuneOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tune",
+        metavar="[HEAD:]N",
+        help="After the grid, tune its best cell (HEAD:N: its best cell of head HEAD) with N "
+        "trials per outer fold x seed, nested (3 inner folds), as one more row "
+        "'<cell> (tuned, N trials)'; see `fusebench tune`.",
+    ),
+]
+ReportCell = Annotated[
+    str | None,
+    typer.Option(
+        "--cell",
+        help="The cell whose errors the galleries show, e.g. 'minilm+vit/concat_mlp' "
+        "(default: each run's best).",
     ),
 ]

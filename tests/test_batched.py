@@ -29,6 +29,9 @@ CLASSES = ("negative", "neutral", "positive")
 SMALL = {
     "concat_mlp": {"hidden": 32, "dropout": 0.0},
     "cross_attn": {"dim": 16, "num_heads": 2, "hidden": 16, "dropout": 0.0},
+    # token heads too: the masked mean of text tokens (with a mask) and image tokens (without)
+    "text_only": {"hidden": 16, "dropout": 0.0, "use_tokens": True},
+    "image_only": {"hidden": 16, "dropout": 0.0, "use_tokens": True},
 }
 
 
@@ -73,10 +76,11 @@ def numbers(runs):
     return [(r.seed, r.fold, r.metrics["best_iteration"], r.metrics["macro_f1"]) for r in runs]
 
 
-@pytest.mark.parametrize("head", ["concat_mlp", "cross_attn"])
+@pytest.mark.parametrize("head", ["concat_mlp", "cross_attn", "text_only", "image_only"])
 def test_batched_fits_match_one_at_a_time(head, syn, capsys, monkeypatch):
-    monkeypatch.setattr(batched, "BATCH_TOKEN_HEADS", True)  # cross_attn too (off by default)
-    fs = load_feature_set(syn, text="syn", image="syn", tokens=head == "cross_attn")
+    # token heads are stacked on CUDA only by default: the CPU checks that they stack exactly
+    monkeypatch.setattr(batched, "BATCH_TOKEN_HEADS", True)
+    fs = load_feature_set(syn, text="syn", image="syn", tokens=head != "concat_mlp")
     folds = StratifiedProtocol(folds=3).splits(fs)
     kw = {"overrides": SMALL[head], "epochs": 6, "class_weights": True}
     alone = evaluate_head(head, fs, folds, [1, 2], one_at_a_time=True, **kw)
@@ -187,6 +191,38 @@ def test_token_heads_are_fitted_one_at_a_time_by_default(syn, capsys):
         np.testing.assert_array_equal(a.proba, b.proba)
 
 
+def test_token_heads_stack_on_cuda_only_by_default(monkeypatch):
+    assert batched.BATCH_TOKEN_HEADS is None  # the default: decided by the device
+    assert not batched.stack_token_heads("cpu")
+    monkeypatch.setattr(batched, "resolve_device", lambda d: torch.device("cuda"))
+    assert batched.stack_token_heads("auto")  # where torch sees a GPU
+    monkeypatch.setattr(batched, "BATCH_TOKEN_HEADS", False)
+    assert not batched.stack_token_heads("auto")
+
+
+def test_bf16_autocast_is_applied_and_batched_still_tracks_one_at_a_time(syn, monkeypatch):
+    """train.precision=bf16 (auto picks it on CUDA only) runs the forwards under autocast:
+    the probabilities move off the float32 fit's, and the stacked fits run under it too and
+    stay near their one-at-a-time fits (on a CPU autocast does not reach vmap's matmuls,
+    pytorch/functorch#305, so there the stack stays nearer float32; on CUDA it does)."""
+    monkeypatch.setattr(batched, "BATCH_TOKEN_HEADS", True)
+    fs = load_feature_set(syn, text="syn", image="syn", tokens=True)
+    folds = StratifiedProtocol(folds=2).splits(fs)
+    over = {**SMALL["cross_attn"], "train": {"precision": "bf16"}}
+    kw = {"epochs": 2}
+    fp32 = evaluate_head("cross_attn", fs, folds, [1], overrides=SMALL["cross_attn"], **kw)
+    alone = evaluate_head("cross_attn", fs, folds, [1], overrides=over, one_at_a_time=True, **kw)
+    together = evaluate_head("cross_attn", fs, folds, [1], overrides=over, **kw)
+    assert max(np.abs(a.proba - f.proba).max() for a, f in zip(alone, fp32)) > 1e-4
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(b.proba, a.proba, atol=0.05)
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        build_head("concat_mlp", overrides={"train": {"precision": "fp16"}})
+
+
 class ItemHead(ConcatMLP):
     """A head vmap cannot run: .item() on a batched tensor."""
 
@@ -225,3 +261,51 @@ def test_one_at_a_time_is_a_replayed_setting(syn, tmp_path):
     )
     assert out.exit_code == 0, out.output
     assert "one_at_a_time: true" in out.output
+
+
+def test_cpu_heads_fit_beside_cuda_torch_heads_and_in_order_otherwise(monkeypatch):
+    """fuse.overlap: with a torch head on CUDA, the other groups fit on a worker thread
+    meanwhile (each finished fit named by its own thread's fit); with none, in order here."""
+    import threading
+
+    from fusebench.fuse import overlap
+
+    class Progress:
+        def __init__(self):
+            self._where, self.lines = "", []
+
+        @property
+        def where(self):
+            return self._where
+
+        def start(self, label, seed, fold):
+            self._where = label
+
+        def finish(self, f1, seconds):
+            self.lines.append(self._where)
+
+    groups = [["lgbm"], ["cross_attn"], ["logreg"]]
+    seen = []
+    both_running = threading.Barrier(2, timeout=10)
+
+    def fit(group, progress):
+        progress.start(group[0], 1, 0)
+        seen.append((group[0], threading.current_thread().name))
+        if len(groups_on_gpu) and group[0] in ("lgbm", "cross_attn"):
+            both_running.wait()  # deadlocks (timeout) unless the two really overlap
+        progress.finish(0.5, 1.0)
+        return [group[0]]
+
+    groups_on_gpu = ["cross_attn"]
+    monkeypatch.setattr(overlap, "on_cuda", lambda g: g[0] in groups_on_gpu)
+    progress = Progress()
+    runs = overlap.fit_groups(groups, fit, progress)
+    assert sorted(runs) == ["cross_attn", "lgbm", "logreg"]
+    threads = dict(seen)
+    assert threads["lgbm"].startswith("cpu-heads") and threads["logreg"].startswith("cpu-heads")
+    assert threads["cross_attn"] == threading.current_thread().name
+    assert sorted(progress.lines) == ["cross_attn", "lgbm", "logreg"]  # each named rightly
+
+    groups_on_gpu, seen[:] = [], []
+    assert overlap.fit_groups(groups, fit, Progress()) == ["lgbm", "cross_attn", "logreg"]
+    assert {t for _, t in seen} == {threading.current_thread().name}

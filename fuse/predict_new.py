@@ -1,0 +1,201 @@
+"""`predict --data`, stage two's half: a cell of a finished run applied to a feature folder
+that is not the run's own, i.e. caches of NEW data extracted with the run's encoder settings.
+
+Stage two never extracts: `fusebench.newdata` (the CLI and the public API) extracts NEW with
+the settings the run's caches record (fusebench/extract/replay.py) and hands the folder here.
+
+    cell_encoders   which caches a cell reads (modality -> encoder: a text_only cell reads
+                    text only), and the run's own caches of them, which record the settings
+    label_features  every row of a feature folder labelled with the cell: `guid,tag` lines
+                    (plus p_<class>), in the cache's row order, all splits, labelled or not
+
+The labels, classes and splits NEW carries play no part: only its features are read. A row
+whose features the cell reads failed (an image that does not decode, say) keeps its line
+with an EMPTY tag and is counted on stderr, as in `predict --split`. Modes are predict's:
+the fold ensemble (default), fold0, or refit (trained on the run's own caches, then applied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from fusebench.fuse._util import check_device, few, note
+from fusebench.fuse.features import FeatureSet, cache_path, load_feature_set
+from fusebench.fuse.head import Head
+from fusebench.fuse.predict import (
+    MODES,
+    PredictionReport,
+    RunFolderError,
+    _check_writable,
+    _relative,
+    average_proba,
+    fit_dirs,
+    load_cell_features,
+    load_models,
+    load_run_config,
+    pick_cell,
+    record_prediction,
+    refit_cell,
+    refit_plan,
+    write_predictions,
+)
+
+
+def cell_encoders(
+    run: str | Path,
+    *,
+    cell: str | None = None,
+    head: str | None = None,
+    features: str | Path | None = None,
+) -> tuple[str, dict[str, str], dict[str, dict]]:
+    """(cell id, modality -> encoder the cell READS, encoder -> {"path": the run's cache of
+    it, "fingerprint": the one the run recorded}).
+
+    What the cell reads comes from its saved model (a text_only head of a text+image cell
+    reads text only, so only the text encoder is needed for new data). features: where the
+    run's cache folder is now, when it moved."""
+    run = Path(run)
+    config = load_run_config(run)
+    cell_id = pick_cell(run, config, cell=cell, head=head)
+    first = fit_dirs(run, config, cell_id, first_only=True)
+    model = load_models(run, first, list(config["classes"]), device="cpu")[0]
+    entry = config["cells"][cell_id]
+    reads = {m: entry.get(m) for m in model.modalities_}
+    if any(e in (None, "", "none") for e in reads.values()):
+        raise RunFolderError(f"run folder {run} is damaged: cell '{cell_id}' lacks an encoder")
+    caches = {}
+    for enc in dict.fromkeys(reads.values()):
+        src = config["caches"].get(enc) or {}
+        path = cache_path(Path(features), enc) if features else Path(src.get("path", ""))
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the run's {enc} cache {path} is gone, and it records the encoder settings new "
+                "data must be extracted with; pass --features with the folder where the run's "
+                "caches are now"
+            )
+        caches[enc] = {"path": path, "fingerprint": src.get("fingerprint")}
+    return cell_id, reads, caches
+
+
+def label_features(
+    run: str | Path,
+    new_features: str | Path,
+    *,
+    out: str | Path = "predictions.txt",
+    cell: str | None = None,
+    head: str | None = None,
+    mode: str = "ensemble",
+    proba: bool = False,
+    features: str | Path | None = None,
+    device: str = "auto",
+    allow_stale: bool = False,
+    quiet: bool = True,
+    data: str | Path | None = None,
+) -> PredictionReport:
+    """Writes `guid,tag` lines (plus p_<class> with proba) for EVERY row of the caches in
+    `new_features` — extracted with the run's encoder settings — to `out`, labelled by a
+    cell of the run, and records the prediction in RUN/predictions.json (with `data`).
+
+    mode, cell, head, proba, device: as predict_run. features / allow_stale: the run's own
+    caches (read by a refit only). One-line errors: a cache of an encoder the cell reads is
+    missing from `new_features` (FileNotFoundError), or holds features of another size than
+    the run's (ValueError)."""
+    if mode not in MODES:
+        raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
+    device = check_device(device)
+    run, out = Path(run), Path(out)
+    config = load_run_config(run)
+    cell_id = pick_cell(run, config, cell=cell, head=head)
+    classes = list(config["classes"])
+    dirs = fit_dirs(run, config, cell_id, first_only=mode != "ensemble")
+    models = load_models(run, dirs, classes, device=device)
+    _check_writable(out)
+    new = _new_feature_set(run, config, cell_id, models[0], Path(new_features))
+    refit = None
+    if mode == "refit":
+        fs = load_cell_features(
+            run, config, cell_id, models[0], features=features, allow_stale=allow_stale
+        )
+        plan = refit_plan(config, cell_id, fs)
+        dirs, models, reused = refit_cell(run, plan, fs, device=device, quiet=quiet)
+        refit = {**plan, "reused": reused}
+    order, probs, unpredicted = label_every_row(models, new, cell_id=cell_id, out=out)
+    write_predictions(out, order, probs, classes, proba=proba)
+    if cell is None and head is None and len(config["cells"]) > 1:
+        note(f"used cell '{cell_id}' (best mean macro-F1 of this run); pick another with --cell")
+    report = PredictionReport(
+        out=out,
+        cell=cell_id,
+        mode=mode,
+        n_rows=len(order),
+        model_dirs=[_relative(d, run) for d in dirs],
+        unpredicted=unpredicted,
+        refit=refit,
+    )
+    what = f"all rows of {data if data is not None else new_features}"
+    record_prediction(run, report, split=what, proba=proba)
+    return report
+
+
+def _new_feature_set(
+    run: Path, config: dict, cell_id: str, model: Head, folder: Path
+) -> FeatureSet:
+    """The caches of `folder` the cell reads, with what `model` reads only (a text head
+    ignores failed images); pooled sizes checked against the run's."""
+    entry = config["cells"][cell_id]
+    reads = tuple(model.modalities_)
+    encoders = {m: entry.get(m) for m in reads}
+    fs = load_feature_set(
+        folder,
+        text=encoders.get("text"),
+        image=encoders.get("image"),
+        tokens=reads if model.needs_tokens else False,
+    )
+    for m, enc in encoders.items():
+        run_cache = Path((config["caches"].get(enc) or {}).get("path", ""))
+        want = _pooled_dim(run_cache, m) if run_cache.is_file() else None
+        got = fs.modality(m).pooled_dim
+        if want is not None and want != got:
+            raise ValueError(
+                f"{cache_path(folder, enc)} holds {got}-d {m} features, the run's cell "
+                f"'{cell_id}' was trained on {want}-d ones; extract the new data with the run's "
+                "encoder settings (`fusebench predict --run RUN --data NEW`)"
+            )
+    # NEW's own labels and classes play no part: the heads size their outputs by the run's
+    return replace(fs, classes=tuple(config["classes"]), label=np.full(len(fs), -1, np.int64))
+
+
+def _pooled_dim(path: Path, modality: str) -> int | None:
+    """The size of `modality`'s pooled vectors in a cache (None when unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f[f"{modality}/pooled"].shape[-1])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def label_every_row(
+    models: list[Head], fs: FeatureSet, *, cell_id: str, out: Path
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+    """(every guid of the caches in row order, guid -> averaged class probabilities, guid ->
+    why it has none). A guid held twice is listed once (and left without a tag: predict's
+    rule), an empty guid not at all."""
+    order = np.array(list(dict.fromkeys(g for g in fs.all_guid if str(g).strip())), dtype=object)
+    probs: dict[str, np.ndarray] = {}
+    if len(fs):
+        p = average_proba(models, fs)  # (n, C)
+        probs = dict(zip(fs.guid, p))
+    why = {e.guid: e.reason for e in fs.excluded}
+    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
+    if unpredicted:
+        reads = " and ".join(models[0].modalities_)
+        note(
+            f"{len(unpredicted)} of {len(order)} row(s) have no usable {reads} features for cell "
+            f"'{cell_id}' and are left with an EMPTY tag in {out}: "
+            + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
+        )
+    return order, probs, unpredicted
