@@ -276,29 +276,38 @@ def release_owner_lock(folder: Path | None, fd: int | None) -> None:
             os.close(fd)
 
 
+def take_abandoned(folder: Path) -> int | None:
+    """The owner lock of a staging folder whose writer died, now held by this process (an
+    open descriptor to close when done), or None: the writer is alive, the folder has no
+    owner lock, or the platform has no flock (Windows: nothing is ever taken)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(folder / OWNER, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # its writer is alive
+        os.close(fd)
+        return None
+    return fd
+
+
 def sweep_abandoned(
     parent: Path, pattern: str = "*" + STAGING, *, keep: Path | None = None
 ) -> list[Path]:
     """Removes the staging folders in `parent` whose writer died (their owner lock is free):
     what a SIGKILL, an out-of-memory kill or a lost node leaves. A folder without an owner
     lock (being created this instant, or left by an older fusebench) is left alone."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return []
     removed = []
     with contextlib.suppress(OSError):
         for folder in sorted(parent.glob(pattern)):
             if folder == keep:  # this process's own (flock is per process on some NFS)
                 continue
-            try:
-                fd = os.open(folder / OWNER, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # its writer is alive
-                os.close(fd)
+            if (fd := take_abandoned(folder)) is None:
                 continue
             try:
                 shutil.rmtree(folder, ignore_errors=True)

@@ -526,6 +526,87 @@ def _save_refit(folder: Path, plan: dict, models: list[Any]) -> None:
 # ---------------------------------------------------------------- predict
 
 
+@dataclass
+class CellModels:
+    """What labelling with a cell of a run starts from: the run's config, the cell, and its
+    models as `mode` picks them (refit: the CV fits it learns from until it is refitted)."""
+
+    run: Path
+    out: Path
+    config: dict
+    cell_id: str
+    classes: list[str]
+    dirs: list[Path]
+    models: list[Head]
+    device: str  # resolved (check_device)
+    picked: bool  # the cell was the run's best, not named by --cell / --head
+
+
+def cell_models(
+    run: str | Path,
+    out: str | Path,
+    *,
+    cell: str | None,
+    head: str | None,
+    mode: str,
+    device: str,
+) -> CellModels:
+    """The run's cell (default its best) and its models, with every check that needs no
+    features: the mode, the device, the run folder, and that `out` can be written."""
+    if mode not in MODES:
+        raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
+    device = check_device(device)
+    run, out = Path(run), Path(out)
+    config = load_run_config(run)
+    cell_id = pick_cell(run, config, cell=cell, head=head)
+    classes = list(config["classes"])
+    dirs = fit_dirs(run, config, cell_id, first_only=mode != "ensemble")  # refit: what it reads
+    models = load_models(run, dirs, classes, device=device)
+    _check_writable(out)
+    picked = cell is None and head is None and len(config["cells"]) > 1
+    return CellModels(run, out, config, cell_id, classes, dirs, models, device, picked)
+
+
+def refit_if_asked(job: CellModels, mode: str, fs: FeatureSet, *, quiet: bool) -> dict | None:
+    """With mode refit: the cell refitted on every labelled row of fs (or the saved refit
+    reused), replacing job's models; its plan, or None for the other modes."""
+    if mode != "refit":
+        return None
+    plan = refit_plan(job.config, job.cell_id, fs)
+    job.dirs, job.models, reused = refit_cell(job.run, plan, fs, device=job.device, quiet=quiet)
+    return {**plan, "reused": reused}
+
+
+def finish_prediction(
+    job: CellModels,
+    labels: tuple[np.ndarray, dict[str, np.ndarray], dict[str, str]],
+    mode: str,
+    refit: dict | None,
+    *,
+    proba: bool,
+    split: str,
+) -> PredictionReport:
+    """Writes the `guid,tag` file and records the prediction in RUN/predictions.json. labels:
+    (the guids in output order, guid -> class probabilities, guid -> why it has none)."""
+    order, probs, unpredicted = labels
+    write_predictions(job.out, order, probs, job.classes, proba=proba)
+    if job.picked:
+        note(
+            f"used cell '{job.cell_id}' (best mean macro-F1 of this run); pick another with --cell"
+        )
+    report = PredictionReport(
+        out=job.out,
+        cell=job.cell_id,
+        mode=mode,
+        n_rows=len(order),
+        model_dirs=[_relative(d, job.run) for d in job.dirs],
+        unpredicted=unpredicted,
+        refit=refit,
+    )
+    record_prediction(job.run, report, split=split, proba=proba)
+    return report
+
+
 def predict_run(
     run: str | Path,
     *,
@@ -546,18 +627,9 @@ def predict_run(
     mode: ensemble | refit | fold0 (module docstring); cell / head: which cell (default the
     run's best); features: where the caches are now, when the recorded folder has moved;
     allow_stale: predict from a cache whose dataset changed since extraction."""
-    if mode not in MODES:
-        raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
-    device = check_device(device)
-    run, out = Path(run), Path(out)
-    config = load_run_config(run)
-    cell_id = pick_cell(run, config, cell=cell, head=head)
-    classes = list(config["classes"])
-    dirs = fit_dirs(run, config, cell_id, first_only=mode != "ensemble")  # refit: what it reads
-    models = load_models(run, dirs, classes, device=device)
-    _check_writable(out)
+    job = cell_models(run, out, cell=cell, head=head, mode=mode, device=device)
     fs = load_cell_features(
-        run, config, cell_id, models[0], features=features, allow_stale=allow_stale
+        job.run, job.config, job.cell_id, job.models[0], features=features, allow_stale=allow_stale
     )
     order = fs.cache_order(split)
     if len(order) == 0:
@@ -565,26 +637,12 @@ def predict_run(
             f"the cache has no rows with split '{split}'; splits present: "
             f"{', '.join(sorted(set(fs.all_split)))} (pick one with --split)"
         )
-    refit = None
-    if mode == "refit":
-        plan = refit_plan(config, cell_id, fs)
-        dirs, models, reused = refit_cell(run, plan, fs, device=device, quiet=quiet)
-        refit = {**plan, "reused": reused}
-    probs, unpredicted = label_rows(models, fs, split, run=run, cell_id=cell_id, out=out)
-    write_predictions(out, order, probs, classes, proba=proba)
-    if cell is None and head is None and len(config["cells"]) > 1:
-        note(f"used cell '{cell_id}' (best mean macro-F1 of this run); pick another with --cell")
-    report = PredictionReport(
-        out=out,
-        cell=cell_id,
-        mode=mode,
-        n_rows=len(order),
-        model_dirs=[_relative(d, run) for d in dirs],
-        unpredicted=unpredicted,
-        refit=refit,
+    refit = refit_if_asked(job, mode, fs, quiet=quiet)
+    probs, unpredicted = label_rows(
+        job.models, fs, split, run=job.run, cell_id=job.cell_id, out=job.out
     )
-    record_prediction(run, report, split=split, proba=proba)
-    return report
+    labels = (order, probs, unpredicted)
+    return finish_prediction(job, labels, mode, refit, proba=proba, split=split)
 
 
 def label_rows(

@@ -21,25 +21,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from fusebench.fuse._util import check_device, few, note
+from fusebench.fuse._util import few, note
 from fusebench.fuse.features import FeatureSet, cache_path, load_feature_set
 from fusebench.fuse.head import Head
 from fusebench.fuse.predict import (
-    MODES,
     PredictionReport,
     RunFolderError,
-    _check_writable,
-    _relative,
     average_proba,
+    cell_models,
+    finish_prediction,
     fit_dirs,
     load_cell_features,
     load_models,
     load_run_config,
     pick_cell,
-    record_prediction,
-    refit_cell,
-    refit_plan,
-    write_predictions,
+    refit_if_asked,
 )
 
 
@@ -102,41 +98,29 @@ def label_features(
     caches (read by a refit only). One-line errors: a cache of an encoder the cell reads is
     missing from `new_features` (FileNotFoundError), or holds features of another size than
     the run's (ValueError)."""
-    if mode not in MODES:
-        raise ValueError(f"--model must be one of {', '.join(MODES)}, not {mode!r}")
-    device = check_device(device)
-    run, out = Path(run), Path(out)
-    config = load_run_config(run)
-    cell_id = pick_cell(run, config, cell=cell, head=head)
-    classes = list(config["classes"])
-    dirs = fit_dirs(run, config, cell_id, first_only=mode != "ensemble")
-    models = load_models(run, dirs, classes, device=device)
-    _check_writable(out)
-    new = _new_feature_set(run, config, cell_id, models[0], Path(new_features))
+    job = cell_models(run, out, cell=cell, head=head, mode=mode, device=device)
+    new = _new_feature_set(job.run, job.config, job.cell_id, job.models[0], Path(new_features))
     refit = None
     if mode == "refit":
         fs = load_cell_features(
-            run, config, cell_id, models[0], features=features, allow_stale=allow_stale
+            job.run,
+            job.config,
+            job.cell_id,
+            job.models[0],
+            features=features,
+            allow_stale=allow_stale,
         )
-        plan = refit_plan(config, cell_id, fs)
-        dirs, models, reused = refit_cell(run, plan, fs, device=device, quiet=quiet)
-        refit = {**plan, "reused": reused}
-    order, probs, unpredicted = label_every_row(models, new, cell_id=cell_id, out=out)
-    write_predictions(out, order, probs, classes, proba=proba)
-    if cell is None and head is None and len(config["cells"]) > 1:
-        note(f"used cell '{cell_id}' (best mean macro-F1 of this run); pick another with --cell")
-    report = PredictionReport(
-        out=out,
-        cell=cell_id,
-        mode=mode,
-        n_rows=len(order),
-        model_dirs=[_relative(d, run) for d in dirs],
-        unpredicted=unpredicted,
-        refit=refit,
+        refit = refit_if_asked(job, mode, fs, quiet=quiet)
+    order, probs, unpredicted = label_every_row(job.models, new, cell_id=job.cell_id, out=job.out)
+    labels = (order, probs, unpredicted)
+    return finish_prediction(
+        job,
+        labels,
+        mode,
+        refit,
+        proba=proba,
+        split=f"all rows of {data if data is not None else new_features}",
     )
-    what = f"all rows of {data if data is not None else new_features}"
-    record_prediction(run, report, split=what, proba=proba)
-    return report
 
 
 def _new_feature_set(

@@ -48,6 +48,7 @@ from fusebench.fuse._util import (
     release_owner_lock,
     remove_tree,
     sweep_abandoned,
+    take_abandoned,
 )
 from fusebench.fuse.features import FeatureSet
 from fusebench.fuse.grid import Cell, GridSpec
@@ -90,22 +91,14 @@ class TuneRunDir(StagedRunDir):
     def _adopt(self) -> Path | None:
         """The unfinished tune in --out with these settings whose writer is dead, now owned by
         this process (its folder emptied but for the studies), or None."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no owner locks, nothing to adopt
-            return None
         if not self.out.is_dir():
             return None
         for folder in sorted(self.out.glob(f"*-{self.suffix}*{STAGING}"), reverse=True):
             try:
                 saved = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
-                fd = os.open(folder / OWNER, os.O_RDWR)
             except (OSError, ValueError):
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # its writer is alive
-                os.close(fd)
+            if (fd := take_abandoned(folder)) is None:
                 continue
             if saved != self.settings or not (folder / STUDY_FILE).is_file():
                 os.close(fd)
