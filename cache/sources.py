@@ -170,8 +170,14 @@ def extract_command(store: FeatureStore, data: str | None = None) -> str:
         args += ["--batch-size", str(cfg["batch_size"])]
     if str(cfg.get("precision") or "fp32") != "fp32":
         args += ["--precision", str(cfg["precision"]).removesuffix("-autocast")]
-    if cfg.get("kind") in ("image", "clip") and "preprocess" not in cfg:
-        args.append("--exact-preprocess")
+    if cfg.get("kind") in ("image", "clip"):
+        preprocess = str(cfg.get("preprocess", ""))
+        if not preprocess:  # the model's own processor
+            args.append("--exact-preprocess")
+        elif preprocess.startswith("device:"):
+            args += ["--decode", "gpu"]
+        elif preprocess == "fast-draft2x":  # the CPU path, also where `auto` would pick gpu
+            args += ["--decode", "cpu"]
     limit = request.get("limit", cfg.get("limit"))
     if limit is not None:
         args += ["--limit", str(limit)]
