@@ -475,6 +475,7 @@ def tune_cmd(
 @app.command()
 @stage_two
 def predict(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Option(help="Run folder written by `fuse` or `compare`.")],
     split: PredictSplit = None,
     data: PredictData = None,
@@ -512,22 +513,10 @@ def predict(
 
     if refit and model not in ("ensemble", "refit"):
         fail(f"--refit and --model {model} disagree; give one of them", code=USAGE)
-    report = predict_any(
-        run,
-        data=data,
-        split=split,
-        features_out=features_out,
-        model_dir=model_dir,
-        out=out,
-        cell=cell,
-        head=head,
-        mode="refit" if refit else model,
-        proba=proba,
-        features=features,
-        device=device,
-        allow_stale=allow_stale,
-        quiet=quiet,
-    )
+    options = dict(ctx.params)  # every option, by parameter name
+    refit, model = options.pop("refit"), options.pop("model")
+    options["mode"] = "refit" if refit else model
+    report = predict_any(**options)
     if not quiet:
         _echo_extract_reports(report.extracted)
         _echo_prediction(report)

@@ -660,16 +660,31 @@ def label_rows(
         )
     p = average_proba(models, fs.take(rows))  # (n, C)
     probs = dict(zip(fs.guid[rows], p))
+    return probs, without_tag(models, fs, order, probs, cell_id=cell_id, out=out, what=f"{split} ")
+
+
+def without_tag(
+    models: list[Head],
+    fs: FeatureSet,
+    order: np.ndarray,
+    probs: dict[str, np.ndarray],
+    *,
+    cell_id: str,
+    out: Path,
+    what: str = "",
+) -> dict[str, str]:
+    """guid -> why it has no probabilities, for the guids of `order` missing from `probs`
+    (their features failed, or the guid is held twice), with one note naming a few."""
     why = {e.guid: e.reason for e in fs.excluded}
     unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
     if unpredicted:
         reads = " and ".join(models[0].modalities_)
         note(
-            f"{len(unpredicted)} of {len(order)} {split} row(s) have no usable {reads} features "
+            f"{len(unpredicted)} of {len(order)} {what}row(s) have no usable {reads} features "
             f"for cell '{cell_id}' and are left with an EMPTY tag in {out}: "
             + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
         )
-    return probs, unpredicted
+    return unpredicted
 
 
 def write_predictions(

@@ -17,11 +17,12 @@ the fold ensemble (default), fold0, or refit (trained on the run's own caches, t
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from fusebench.fuse._util import few, note
 from fusebench.fuse.features import FeatureSet, cache_path, load_feature_set
 from fusebench.fuse.head import Head
 from fusebench.fuse.predict import (
@@ -35,8 +36,17 @@ from fusebench.fuse.predict import (
     load_models,
     load_run_config,
     pick_cell,
+    predict_run,
     refit_if_asked,
+    without_tag,
 )
+
+# predict_run's options but `split`, with their defaults: what predict --data passes along
+PREDICT_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(predict_run).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "split"
+}
 
 
 def cell_encoders(
@@ -76,51 +86,35 @@ def cell_encoders(
 
 
 def label_features(
-    run: str | Path,
-    new_features: str | Path,
-    *,
-    out: str | Path = "predictions.txt",
-    cell: str | None = None,
-    head: str | None = None,
-    mode: str = "ensemble",
-    proba: bool = False,
-    features: str | Path | None = None,
-    device: str = "auto",
-    allow_stale: bool = False,
-    quiet: bool = True,
-    data: str | Path | None = None,
+    run: str | Path, new_features: str | Path, *, data: str | Path | None = None, **options: Any
 ) -> PredictionReport:
     """Writes `guid,tag` lines (plus p_<class> with proba) for EVERY row of the caches in
     `new_features` — extracted with the run's encoder settings — to `out`, labelled by a
     cell of the run, and records the prediction in RUN/predictions.json (with `data`).
 
-    mode, cell, head, proba, device: as predict_run. features / allow_stale: the run's own
-    caches (read by a refit only). One-line errors: a cache of an encoder the cell reads is
-    missing from `new_features` (FileNotFoundError), or holds features of another size than
-    the run's (ValueError)."""
-    job = cell_models(run, out, cell=cell, head=head, mode=mode, device=device)
+    options: predict_run's keywords but `split` (PREDICT_OPTIONS: out, cell, head, mode,
+    proba, device as there; features / allow_stale: the run's own caches, read by a refit
+    only). One-line errors: a cache of an encoder the cell reads is missing from
+    `new_features` (FileNotFoundError), or holds features of another size than the run's
+    (ValueError)."""
+    if unknown := sorted(set(options) - set(PREDICT_OPTIONS)):
+        raise TypeError(f"label_features() got an unexpected keyword argument {unknown[0]!r}")
+    o = {**PREDICT_OPTIONS, **options}
+    job = cell_models(
+        run, o["out"], cell=o["cell"], head=o["head"], mode=o["mode"], device=o["device"]
+    )
     new = _new_feature_set(job.run, job.config, job.cell_id, job.models[0], Path(new_features))
     refit = None
-    if mode == "refit":
+    if o["mode"] == "refit":
+        model = job.models[0]
         fs = load_cell_features(
-            job.run,
-            job.config,
-            job.cell_id,
-            job.models[0],
-            features=features,
-            allow_stale=allow_stale,
-        )
-        refit = refit_if_asked(job, mode, fs, quiet=quiet)
-    order, probs, unpredicted = label_every_row(job.models, new, cell_id=job.cell_id, out=job.out)
-    labels = (order, probs, unpredicted)
-    return finish_prediction(
-        job,
-        labels,
-        mode,
-        refit,
-        proba=proba,
-        split=f"all rows of {data if data is not None else new_features}",
-    )
+            job.run, job.config, job.cell_id, model, features=o["features"],
+            allow_stale=o["allow_stale"],
+        )  # fmt: skip
+        refit = refit_if_asked(job, o["mode"], fs, quiet=o["quiet"])
+    labels = label_every_row(job.models, new, cell_id=job.cell_id, out=job.out)
+    what = f"all rows of {data if data is not None else new_features}"
+    return finish_prediction(job, labels, o["mode"], refit, proba=o["proba"], split=what)
 
 
 def _new_feature_set(
@@ -173,13 +167,4 @@ def label_every_row(
     if len(fs):
         p = average_proba(models, fs)  # (n, C)
         probs = dict(zip(fs.guid, p))
-    why = {e.guid: e.reason for e in fs.excluded}
-    unpredicted = {str(g): why.get(g, "no usable row") for g in order if g not in probs}
-    if unpredicted:
-        reads = " and ".join(models[0].modalities_)
-        note(
-            f"{len(unpredicted)} of {len(order)} row(s) have no usable {reads} features for cell "
-            f"'{cell_id}' and are left with an EMPTY tag in {out}: "
-            + few([f"{g} ({r})" for g, r in unpredicted.items()], 3)
-        )
-    return order, probs, unpredicted
+    return order, probs, without_tag(models, fs, order, probs, cell_id=cell_id, out=out)

@@ -27,25 +27,19 @@ def predict_data(
     run: str | Path,
     data: str | Path,
     *,
-    out: str | Path = "predictions.txt",
-    cell: str | None = None,
-    head: str | None = None,
-    mode: str = "ensemble",
-    proba: bool = False,
-    features: str | Path | None = None,
     features_out: str | Path | None = None,
     model_dirs: Mapping[str, str | Path] | None = None,
-    device: str = "auto",
-    allow_stale: bool = False,
-    quiet: bool = True,
+    **options: Any,
 ):
     """Extracts `data` (any format `extract` reads) with the encoder settings of the run's
-    caches the cell reads, then writes `guid,tag` lines for every row of it to `out`; returns
-    the PredictionReport, whose `extracted` holds the ExtractReports.
+    caches the cell reads, then writes `guid,tag` lines for every row of it; returns the
+    PredictionReport, whose `extracted` holds the ExtractReports.
 
-    features: where the run's caches are now (they record the settings); features_out: the
-    root of NEW's caches (default RUN/new); model_dirs: encoder -> a folder holding the
-    recorded model files on this machine (checked against the recorded hash)."""
+    options: fusebench.predict_run's keywords but `split` (out, cell, head, mode, proba,
+    features, device, allow_stale, quiet), with its defaults; `features` is where the run's
+    caches are now (they record the settings). features_out: the root of NEW's caches
+    (default RUN/new); model_dirs: encoder -> a folder holding the recorded model files on
+    this machine (checked against the recorded hash)."""
     from fusebench.extract.replay import (
         check_model_files,
         check_replayed,
@@ -55,7 +49,9 @@ def predict_data(
     from fusebench.extract.runner import run as extract
     from fusebench.fuse.predict_new import cell_encoders, label_features
 
-    _, _, caches = cell_encoders(run, cell=cell, head=head, features=features)
+    pick = {k: options.get(k) for k in ("cell", "head", "features")}
+    device, quiet = options.get("device", "auto"), options.get("quiet", True)
+    _, _, caches = cell_encoders(run, **pick)
     dirs = {k: str(v) for k, v in (model_dirs or {}).items()}
     if unknown := sorted(set(dirs) - set(caches)):
         raise ValueError(
@@ -72,10 +68,7 @@ def predict_data(
         (rep,) = _extract(extract, opts)
         check_replayed(rep.path, rec, model=dirs.get(enc))
         reports.append(rep)
-    report = label_features(
-        run, reports[0].path.parent, out=out, cell=cell, head=head, mode=mode, proba=proba,
-        features=features, device=device, allow_stale=allow_stale, quiet=quiet, data=data,
-    )  # fmt: skip
+    report = label_features(run, reports[0].path.parent, data=data, **options)
     report.extracted = reports
     return report
 
