@@ -4,9 +4,16 @@ cli.py: one definition and one help text per option."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+
+def repeatable(flag: str, help: str) -> Any:
+    """The type of an option given once per value (`--set a=1 --set b=2`): a list, None when
+    the option is absent."""
+    return Annotated[list[str] | None, typer.Option(flag, help=help)]
+
 
 Quiet = Annotated[
     bool,
@@ -44,13 +51,10 @@ LabelsOpt = Annotated[
         help="Classes in order, comma-separated, e.g. negative,positive (default: the labels the rows carry)."
     ),
 ]
-ColumnOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--column",
-        help="Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
-    ),
-]
+ColumnOpt = repeatable(
+    "--column",
+    "Map a manifest column, KEY=NAME, repeatable; keys: guid, text, text_path, image, image_path, label, split (e.g. --column text=caption --column image=img).",
+)
 # extract's own options
 EncoderOpt = Annotated[
     str,
@@ -126,13 +130,10 @@ SplitSeed = Annotated[
         help="Seed of the stratified splits: the same seed gives every cell the same folds.",
     ),
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        help="Override a hyperparameter, repeatable: --set dim=128 --set train.lr=3e-4 (compare: HEAD.KEY=V for one head, KEY=V for every head that has KEY).",
-    ),
-]
+SetOpt = repeatable(
+    "--set",
+    "Override a hyperparameter, repeatable: --set dim=128 --set train.lr=3e-4 (compare: HEAD.KEY=V for one head, KEY=V for every head that has KEY).",
+)
 ReplayConfig = Annotated[
     Path | None,
     typer.Option(
@@ -206,13 +207,10 @@ ImageEncoders = Annotated[
         "--image", help="Image encoders, comma-separated; 'none' = no image (e.g. vit,clip,none)."
     ),
 ]
-Sweep = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--sweep",
-        help="One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
-    ),
-]
+Sweep = repeatable(
+    "--sweep",
+    "One cell per value, repeatable: --sweep cross_attn.dim=128,256 (HEAD.KEY=V1,V2; KEY=V1,V2 for every head that has KEY; several on one head: every combination).",
+)
 
 PredictOut = Annotated[
     Path,
@@ -243,14 +241,11 @@ FeaturesOut = Annotated[
     Path | None,
     typer.Option(help="With --data: where NEW's caches go (default: RUN/new), OUT/<dataset>/."),
 ]
-ModelDir = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--model-dir",
-        help="With --data: ENCODER=FOLDER, where the run's model files are on this machine "
-        "(checked against the recorded hash); repeatable.",
-    ),
-]
+ModelDir = repeatable(
+    "--model-dir",
+    "With --data: ENCODER=FOLDER, where the run's model files are on this machine "
+    "(checked against the recorded hash); repeatable.",
+)
 PredictModel = Annotated[
     str,
     typer.Option(
