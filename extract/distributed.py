@@ -10,13 +10,17 @@ run would. Same plan -> same batches -> same float16
 bits: the cache is byte-identical to a single-process run's, and rerunning the same command with
 any N (also N=1) after a killed rank computes only the batches the journal lacks.
 
-Three collectives (cache/ranks.py, gloo), each reached by every rank whatever happened before:
+Four collectives (cache/ranks.py, gloo), each reached by every rank whatever happened before:
   1. `checked`: after the checks each rank makes alone (options, --data, --out), an all_gather
      of each rank's error: a bad --data fails on every rank with its one line, never a hang.
   2. `announce` / `receive`: rank 0 broadcasts the work of each cache to build (fingerprint,
      plan, batches already journalled), or its failure, or "all up to date".
   3. `settle`: an all_gather of each rank's outcome (rows computed per cache, or its error):
      one rank's failure stops every rank with that line.
+  4. `assembled`: after a settled pass, a barrier once rank 0 has assembled the caches (or
+     failed to): the ranks leave together, so none tears down its process group while rank 0
+     still holds its end (gloo's threads can then abort it: "terminate called without an
+     active exception").
 Features never travel between ranks: they go through the journal folder (`<cache>.parts/`),
 which is why --out must be on a file system every rank sees.
 """
@@ -43,6 +47,7 @@ class Shard:
     rank: int = 0
     size: int = 1
     announced: bool = False  # rank 0 told the others what to do (or that it failed)
+    settled: bool = False  # every rank's pass succeeded (`settle`): all meet at `assembled`
 
     @classmethod
     def current(cls) -> Shard:
@@ -171,7 +176,15 @@ def settle(
     if error is not None:
         raise error
     _raise_first(outcomes, shard)
+    shard.settled = True  # the same outcomes on every rank: every rank goes on to `assembled`
     return {n: sum(got.get(n, 0) for got in outcomes) for n in rows or {}}
+
+
+def assembled(shard: Shard) -> None:
+    """Every rank, after a settled pass: waits until rank 0 has assembled the caches, or
+    failed to (4.). Nothing to wait for when the pass did not settle: every rank raised."""
+    if shard.many and shard.settled:
+        ranks.barrier()
 
 
 def missing_parts(journal: Journal, plan: Plan, modalities: tuple[str, ...]) -> str:

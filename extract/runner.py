@@ -145,9 +145,12 @@ def _lead(setup: Setup, opts: ExtractOptions, shard: Shard, t0: float) -> list[E
             else:
                 jobs[n] = job
         if jobs:
-            computed = compute(jobs, opts, setup.logs, shard)
-            for n, job in jobs.items():
-                reports[n] = finish(job, computed[n], setup.logs[n])
+            try:
+                computed = compute(jobs, opts, setup.logs, shard)
+                for n, job in jobs.items():
+                    reports[n] = finish(job, computed[n], setup.logs[n])
+            finally:  # once settled, the other ranks wait for this, whatever happened here
+                distributed.assembled(shard)
     return [reports[n] for n in setup.specs]
 
 
@@ -181,6 +184,7 @@ def _follow(setup: Setup, opts: ExtractOptions, shard: Shard) -> list[ExtractRep
         reports[n].computed = sum(rows)
     batches = sum(map(len, mine.values()))
     print(f"rank {shard.rank}: computed {batches} batches; rank 0 assembles {finals}", flush=True)
+    distributed.assembled(shard)
     return list(reports.values())
 
 
