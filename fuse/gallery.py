@@ -26,7 +26,6 @@ without its image, or neither). Stage two reads no dataset module: plain file re
 from __future__ import annotations
 
 import base64
-import codecs
 import csv
 import html
 import io
@@ -37,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fusebench.texts import decode_text
+
 SHOWN = 12  # errors shown, most confident first
 EXAMPLES = 6  # examples of each direction of "where the image helps"
 THUMB_PX = 96  # longest side of a thumbnail
 TEXT_CHARS = 280  # a longer text is cut (the whole text is in the dataset)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 TEXT_SUFFIXES = {".txt"}
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
 
 CSS = """
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(250px, 1fr));
@@ -103,24 +102,9 @@ def cell_rows(run_dir: Path, cell: str, classes: list[str]) -> dict[str, Scored]
 
 
 def decode(raw: bytes, legacy: str | None) -> str:
-    """Extraction's decoding rule: UTF-8 (BOM stripped), a UTF-16/32 BOM, else `legacy`
-    strictly, else latin-1 (never raises)."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        pass
-    for bom, encoding in _BOMS:
-        if raw.startswith(bom):
-            try:
-                return raw.decode(encoding)
-            except UnicodeDecodeError:
-                break
-    if legacy:
-        try:
-            return raw.decode(legacy)
-        except (UnicodeDecodeError, LookupError):
-            pass
-    return raw.decode("latin-1")
+    """A text as extraction decoded it (fusebench.texts: UTF-8, a UTF-16/32 BOM, else
+    `legacy` strictly, else latin-1; never raises)."""
+    return decode_text(raw, legacy)[0]
 
 
 @dataclass

@@ -26,11 +26,11 @@ from fusebench.extract.datasets.labels import _has_label, _Labels
 from fusebench.extract.datasets.samples import Dataset, ImageRef, Problem, Sample
 from fusebench.extract.datasets.text import (
     _UNICODE,
-    _decode_unicode,
     check_encoding_name,
-    decode_text,
     detect_legacy_encoding,
 )
+
+from fusebench.texts import decode_text, decode_unicode
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _Builder:
         )
 
     def _decode_texts(self) -> str | None:
-        legacy_raws = [t.raw for t in self._texts if _decode_unicode(t.raw) is None]
+        legacy_raws = [t.raw for t in self._texts if decode_unicode(t.raw) is None]
         how = "--text-encoding" if self.forced else "detected"
         legacy = self.forced or self.legacy or detect_legacy_encoding(legacy_raws)
         for t in self._texts:

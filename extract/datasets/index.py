@@ -17,10 +17,10 @@ from pathlib import Path
 from fusebench.extract.datasets.builder import _Builder
 from fusebench.extract.datasets.text import (
     _UNICODE,
-    _decode_unicode,
-    decode_text,
     detect_legacy_encoding,
 )
+
+from fusebench.texts import decode_text, decode_unicode
 
 
 def _read_index(file: Path) -> bytes:
@@ -37,7 +37,7 @@ def _decode_index(file: Path, builder: _Builder) -> tuple[str, str, list[str]]:
     """(text, encoding, notes) of an index or manifest file, decoded like the texts."""
     raw = _read_index(file)
     legacy = None
-    if _decode_unicode(raw) is None:
+    if decode_unicode(raw) is None:
         legacy = builder.forced or detect_legacy_encoding([raw])
     text, encoding = decode_text(raw, legacy)
     notes = [] if encoding in _UNICODE else [

@@ -1,5 +1,6 @@
 """Text decoding: UTF-8 first (a BOM is stripped; a UTF-16/32 BOM is honoured), else the
-dataset's one legacy encoding, else latin-1, the last resort.
+dataset's one legacy encoding, else latin-1, the last resort (fusebench.texts, the rule both
+stages share).
 
 `decode_text` never raises. `detect_legacy_encoding` picks the one legacy encoding of all a
 dataset's non-UTF-8 texts at once; `check_encoding_name` checks a user's `--text-encoding`.
@@ -11,6 +12,8 @@ import codecs
 import math
 from collections.abc import Sequence
 
+from fusebench.texts import decode_text
+
 # Candidates for a dataset's legacy text encoding, in order of preference (ties keep it).
 # The East Asian multi-byte codecs come first: many byte strings are invalid in them, so
 # decoding every file strictly is strong evidence (GB18030 is what lab5 was re-saved in).
@@ -21,38 +24,7 @@ from collections.abc import Sequence
 # cp1257 scores better than the truth), so offering them would mis-read Western data. A
 # dataset in one of them says so with --text-encoding.
 LEGACY_ENCODINGS: tuple[str, ...] = ("gb18030", "big5", "shift_jis", "euc-kr", "cp1252", "cp1251")
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
 _UNICODE = ("utf-8", "utf-16", "utf-32")  # what a text file can be besides its legacy encoding
-
-
-def _decode_unicode(raw: bytes) -> tuple[str, str] | None:
-    """UTF-8 (BOM stripped), or UTF-16/32 when the file starts with their BOM; else None."""
-    try:
-        return raw.decode("utf-8-sig"), "utf-8"
-    except UnicodeDecodeError:
-        pass
-    for bom, encoding in _BOMS:
-        if raw.startswith(bom):
-            try:
-                return raw.decode(encoding), encoding
-            except UnicodeDecodeError:
-                return None
-    return None
-
-
-def decode_text(raw: bytes, legacy: str | None = None) -> tuple[str, str]:
-    """Decode bytes as UTF-8 (BOM stripped; a UTF-16/32 BOM is honoured), else strictly as
-    the `legacy` encoding, else latin-1 (every byte is a character). Never raises."""
-    unicode = _decode_unicode(raw)
-    if unicode is not None:
-        return unicode
-    if legacy:
-        try:
-            return raw.decode(legacy), legacy
-        except UnicodeDecodeError:
-            pass
-    return raw.decode("latin-1"), "latin-1"
 
 
 def _decodes(raw: bytes, encoding: str) -> bool:
