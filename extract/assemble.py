@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from fusebench.cache import FAILED, OK, CacheWriter, TokenFeatures, read_rows, temp_path
 from fusebench.cache.reader import decode_attr
-from fusebench.extract.modelfiles import model_files
 from fusebench.extract.options import ExtractError, ExtractReport, StageLog
 from fusebench.extract.plan import (
     KEPT,
@@ -81,7 +80,7 @@ def _writer(job: Job, sources: dict) -> CacheWriter:
             "encoder": enc.spec.name,
             "model": enc.spec.model,
             "model_revision": enc.revision,
-            "model_files": model_files(enc.path, enc.revision),  # predict --data names a change
+            "model_files": enc.model_files,  # file -> sha256: predict --data names a change
             "weights": job.config["weights"],
             "dataset": ds.name,
             "data_path": str(ds.path or Path(ds.root).resolve()),  # the manifest file read

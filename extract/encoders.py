@@ -16,7 +16,6 @@ Preprocessing always comes from the model's own AutoTokenizer / AutoImageProcess
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.resources
 import pickle
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from fusebench.cache import TokenFeatures
 from fusebench.configs import bundled_path, config_names, read_config
+from fusebench.extract.modelfiles import hash_files
 
 from fusebench.devices import resolve_device
 from fusebench.registry import Registry
@@ -212,38 +212,19 @@ def _image_processor(path: str) -> Any:
 
 
 # Files in a model folder that AutoModel / AutoTokenizer / AutoProcessor.from_pretrained
-# never read: docs, VCS files, other frameworks' weights. Everything else (weights, configs,
-# tokenizer and processor files: vocab.txt, merges.txt, spiece.model, tokenizer.json, ...)
-# goes into the revision hash, so editing any of them invalidates a cache.
-_NOT_READ = ("*.md", "LICENSE*", ".*", "*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite")
+def model_identity(model: Any, path: str) -> tuple[str, dict[str, str]]:
+    """(revision, file name -> sha256): the hub commit hash when known (and no file hashes),
+    else the content hashes of every file from_pretrained can read in the folder
+    (extract/modelfiles.py hash_files; "" and {} when there is none)."""
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit:
+        return str(commit), {}
+    return hash_files(path)
 
 
 def weights_revision(model: Any, path: str) -> str:
-    """The hub commit hash when known, else a content hash of every file the model's
-    from_pretrained calls can read in the folder (top level: they read nothing below it)."""
-    commit = getattr(model.config, "_commit_hash", None)
-    if commit:
-        return str(commit)
-    folder = Path(path)
-    files = (
-        sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file() and not any(p.match(pattern) for pattern in _NOT_READ)
-        )
-        if folder.is_dir()
-        else []
-    )
-    if not files:
-        return ""
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
-    return "sha256:" + h.hexdigest()[:16]
+    """The revision alone (model_identity)."""
+    return model_identity(model, path)[0]
 
 
 class Encoder:
@@ -265,7 +246,7 @@ class Encoder:
         for p in self.model.parameters():
             p.requires_grad_(False)
         # random init: still hashes the folder's config files, which decide the architecture
-        self.revision = weights_revision(self.model, self.path)
+        self.revision, self.model_files = model_identity(self.model, self.path)
         self._check_layer()
 
     def _check_layer(self) -> None:
