@@ -10,7 +10,9 @@ disk can be tabled and plotted again without retraining (`fusebench report` does
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -206,6 +208,13 @@ def cells_table(results: Mapping) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join([*lines, *table_footer(results)])
+
+
+def inline_png(png: bytes, alt: str, css_class: str | None = None) -> str:
+    """An <img> holding the PNG itself (base64), so an HTML page needs no other file."""
+    data = base64.b64encode(png).decode("ascii")
+    cls = f' class="{css_class}"' if css_class else ""
+    return f'<img{cls} src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def _label(text: object) -> str:

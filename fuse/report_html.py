@@ -13,7 +13,6 @@ results.json (fuse.report.write_plots), so a report never shows a stale or broke
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
 import json
@@ -32,6 +31,7 @@ from fusebench.fuse.report import (
     ensemble_rows,
     fits_phrase,
     history_cells,
+    inline_png,
     mean_pm,
     seed_sd,
     table_footer,
@@ -160,11 +160,6 @@ def plot_images(run: RunFolder) -> dict[str, bytes]:
             for p in write_plots(Path(tmp), run.results):
                 images.setdefault(p.name, p.read_bytes())
     return images
-
-
-def _img(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 # ------------------------------------------------------------------------------- HTML
@@ -395,7 +390,7 @@ def run_section(run: RunFolder, index: int, cell: str | None = None) -> str:
     footer = "".join(f"<p class='muted'>{esc(line)}</p>" for line in table_footer(res))
     images = plot_images(run)
     plots = "".join(
-        f"<h3>{esc(title)}</h3><p class='muted'>{esc(what)}</p>{_img(images[name], title)}"
+        f"<h3>{esc(title)}</h3><p class='muted'>{esc(what)}</p>{inline_png(images[name], title)}"
         for name, title, what in PLOTS
         if name in images
     )

@@ -10,7 +10,6 @@ rendering needs neither Optuna nor the studies' SQLite file.
 
 from __future__ import annotations
 
-import base64
 import html
 import io
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fusebench.fuse.report import inline_png
 
 
 def load_tune(run_dir: str | Path) -> dict:
@@ -137,12 +137,11 @@ def tune_section(run_dir: str | Path) -> str:
         "tuned row of the table is scored like the untuned ones.</p>"
     ]
     for cell, record in data.items():
-        png = base64.b64encode(tune_plot(cell, record)).decode("ascii")
         space = "; ".join(record.get("space", []))
         parts.append(
             f"<h4>{html.escape(cell)}</h4><p class='muted'>{record['trials']} trials per study, "
             f"{record['inner_folds']} inner folds; space: {html.escape(space)}</p>"
-            f'<img src="data:image/png;base64,{png}" alt="tuning of {html.escape(cell)}">'
+            f"{inline_png(tune_plot(cell, record), f'tuning of {cell}')}"
             f"{_importance_line(record)}{_study_rows(record)}"
         )
     return "".join(parts)

@@ -46,6 +46,7 @@ import numpy as np
 from fusebench.cache import TokenFeatures
 from fusebench.fuse._util import note
 from fusebench.fuse.metrics import mean_std, score
+from fusebench.fuse.report import inline_png
 from fusebench.fuse.streaming import available_memory
 
 if TYPE_CHECKING:
@@ -278,7 +279,6 @@ def plot_robustness(rows: Sequence[Mapping], path: Path) -> Path:
 def report_section(run_dir: Path) -> str:
     """The report's robustness part (HTML): a table (cells × conditions, macro-F1 mean ±
     std over fits) and robustness.png, drawn again when missing; "" without robustness.csv."""
-    import base64
     import html
     import tempfile
 
@@ -304,7 +304,7 @@ def report_section(run_dir: Path) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if not png_path.is_file() or png_path.stat().st_size < 100:
             png_path = plot_robustness(rows, Path(tmp) / PLOT_NAME)
-        data = base64.b64encode(png_path.read_bytes()).decode("ascii")
+        png = png_path.read_bytes()
     return (
         "<h3>Robustness</h3><p class='muted'>macro-F1 of every fit on its scored rows with a "
         "modality missing (pooled heads: its training mean; token heads: no text token / the "
@@ -313,5 +313,5 @@ def report_section(run_dir: Path) -> str:
         "read a modality keeps its clean score under that modality's conditions.</p>"
         f"<div class='scroll'><table><thead><tr><th>cell</th>{head}</tr></thead>"
         f"<tbody>{body}</tbody></table></div>"
-        f'<img class="robustness-plot" src="data:image/png;base64,{data}" alt="robustness plot">'
+        + inline_png(png, "robustness plot", "robustness-plot")
     )
