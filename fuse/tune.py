@@ -27,11 +27,13 @@ refitted (deterministic on CPU), the finished studies are only read.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ import numpy as np
 from fusebench.fuse._util import (
     OWNER,
     STAGING,
+    OutputError,
     StagedRunDir,
     deep_merge,
     note,
@@ -171,7 +174,8 @@ def tune_cells(
         fits = []
         for seed in seeds:
             for fold in folds:
-                fits.append(tuner.fold(seed, fold, run_path, scored_run))
+                with study_storage(run_path):
+                    fits.append(tuner.fold(seed, fold, run_path, scored_run))
         new = tuned_cell(cell, spec, [f["params"] for f in fits])
         for f in fits:
             f["run"].cell = new.id
@@ -180,6 +184,28 @@ def tune_cells(
         records[new.id] = cell_record(cell, new, space, spec.tune, fits)
     write_tune_files(run_path, records)
     return [*cells, *tuned_cells], [*runs, *tuned_runs]
+
+
+@contextmanager
+def study_storage(run_path: Path) -> Iterator[None]:
+    """Turns a failed write of the SQLite studies (a full disk, a read-only folder: SQLAlchemy's
+    OperationalError, or Optuna's StorageInternalError around it) into one line naming the
+    file and the fix (exit 1; the staged run folder is removed like any failed run's)."""
+    try:
+        yield
+    except Exception as e:
+        from optuna.exceptions import StorageInternalError
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(e, (SQLAlchemyError, StorageInternalError)):
+            raise
+        cause = e.__cause__ if isinstance(e, StorageInternalError) and e.__cause__ else e
+        reason = str(getattr(cause, "orig", None) or cause).splitlines()[0]
+        raise OutputError(
+            f"cannot write the tuning studies {run_path / STUDY_FILE} ({reason}); free some "
+            "space or pass --out a writable folder, then run the same command again",
+            errno.ENOSPC if "full" in reason else None,
+        ) from None
 
 
 def _targets(spec: GridSpec, cells: Sequence[Cell], runs: Sequence) -> list[Cell]:

@@ -431,3 +431,22 @@ def test_data_check_exits_1_on_fatal_samples_and_0_on_notes_only(tmp_path):
     result = cli("data", "check", "--data", root)
     assert result.exit_code == 1 and "1 with fatal problems" in result.output, result.output
     assert "Traceback" not in result.output and "error:" not in result.output
+
+
+def test_tune_on_a_full_or_read_only_disk_is_one_line_exit_1(tmp_path, tmpfs):
+    """The tuning studies are SQLite (Optuna's storage): a full disk under them is one line
+    naming tune.sqlite3, a read-only --out one line naming the folder; exit 1, no traceback,
+    no run folder left."""
+    from tests.conftest import one_line_error, write_noise_cache
+
+    write_noise_cache(tmp_path / "feat" / "noise.h5", n=60, dim=4)
+    args = ["tune", "--features", tmp_path / "feat", "--text", "noise", "--image", "noise"]
+    args += ["--head", "logreg", "--trials", 2, "--inner-folds", 2, "--robustness", "off"]
+    args += ["--folds", 2, "--seeds", 1, "-q"]
+    full = tmpfs(tmp_path / "full", "size=160k")
+    line = one_line_error(cli(*args, "--out", full / "runs"), 1)
+    assert "tune.sqlite3" in line and "disk is full" in line, line
+    assert not list((full / "runs").glob("*"))
+    read_only = tmpfs(tmp_path / "ro", "size=4m,ro")
+    line = one_line_error(cli(*args, "--out", read_only / "runs"), 1)
+    assert str(read_only) in line and "read-only" in line.lower(), line
