@@ -167,14 +167,13 @@ def tune_cells(
     tuned id, model_dir saved); tune.json and tune.csv written to run_path."""
     targets = _targets(spec, cells, runs)
     tuned_cells, tuned_runs, records = [], [], {}
-    storage = f"sqlite:///{(run_path / STUDY_FILE).resolve()}"
     for cell in targets:
         space = search_space(cell.head, overrides=cell.overrides)
-        tuner = CellTuner(spec, cell, space, storage, quiet=quiet)
         fits = []
-        for seed in seeds:
-            for fold in folds:
-                with study_storage(run_path):
+        with open_storage(run_path) as storage:
+            tuner = CellTuner(spec, cell, space, storage, quiet=quiet)
+            for seed in seeds:
+                for fold in folds:
                     fits.append(tuner.fold(seed, fold, run_path, scored_run))
         new = tuned_cell(cell, spec, [f["params"] for f in fits])
         for f in fits:
@@ -184,6 +183,22 @@ def tune_cells(
         records[new.id] = cell_record(cell, new, space, spec.tune, fits)
     write_tune_files(run_path, records)
     return [*cells, *tuned_cells], [*runs, *tuned_runs]
+
+
+@contextmanager
+def open_storage(run_path: Path) -> Iterator[Any]:
+    """The run's SQLite studies (one Optuna RDBStorage: one engine for every study), closed
+    when the block ends, so no handle into the run folder outlives the tuning; a failed write
+    is one line (study_storage)."""
+    import optuna
+
+    with study_storage(run_path):
+        url = f"sqlite:///{(run_path / STUDY_FILE).resolve()}"
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            yield storage
+        finally:
+            storage.engine.dispose()
 
 
 @contextmanager
@@ -263,7 +278,7 @@ class CellTuner:
     """The studies of one cell: one per (seed, outer fold), in one SQLite storage."""
 
     def __init__(
-        self, spec: GridSpec, cell: Cell, space: list[Dimension], storage: str, *, quiet: bool
+        self, spec: GridSpec, cell: Cell, space: list[Dimension], storage: Any, *, quiet: bool
     ) -> None:
         self.spec, self.cell, self.space, self.storage = spec, cell, space, storage
         self.trials, self.timeout = spec.tune["trials"], spec.tune["timeout"]

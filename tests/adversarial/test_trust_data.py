@@ -447,6 +447,8 @@ def test_tune_on_a_full_or_read_only_disk_is_one_line_exit_1(tmp_path, tmpfs):
     line = one_line_error(cli(*args, "--out", full / "runs"), 1)
     assert "tune.sqlite3" in line and "disk is full" in line, line
     assert not list((full / "runs").glob("*"))
+    # no handle into the run folder outlives the command (the studies' engine is closed)
+    assert subprocess.run(["umount", str(full)], capture_output=True).returncode == 0
     read_only = tmpfs(tmp_path / "ro", "size=4m,ro")
     line = one_line_error(cli(*args, "--out", read_only / "runs"), 1)
     assert str(read_only) in line and "read-only" in line.lower(), line
